@@ -1,0 +1,345 @@
+"""Public loss functions: validation, backend dispatch, reductions and the autograd Function.
+
+Every backend computes per-row losses and the gradient in the forward pass (see ``_rows.py``);
+this module is the one place that checks inputs, chooses the backend and reduces over rows.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from typing import NamedTuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._rows import LossMode, RowLossConfig, compute_dtype
+from .torch_backend import torch_row_losses
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch")
+
+# fkl_loss and rkl_loss have no mu; their head/tail statistics use the paper's value.
+STATS_MU = 0.5
+
+
+class AKLStats(NamedTuple):
+    """Detached per-row diagnostics, each of the logits' leading shape (0 at ignored rows).
+
+    fkl, rkl: KL(p||q) and KL(q||p). head_gap, tail_gap: sum of |p - q| over the teacher's head
+    and tail at mu. head_weight, tail_weight: the weights applied to FKL and RKL. head_size:
+    number of head tokens (int64). For fkl_loss / rkl_loss the split uses mu = 0.5.
+    """
+
+    fkl: torch.Tensor
+    rkl: torch.Tensor
+    head_gap: torch.Tensor
+    tail_gap: torch.Tensor
+    head_weight: torch.Tensor
+    tail_weight: torch.Tensor
+    head_size: torch.Tensor
+
+
+def akl_loss(
+    student_logits,
+    teacher_logits,
+    *,
+    mu=0.5,
+    temperature=1.0,
+    labels=None,
+    ignore_index=-100,
+    reduction="mean",
+    return_stats=False,
+    backend="auto",
+):
+    """Adaptive KL (Wu et al., arXiv 2404.02657) between teacher and student next-token distributions.
+
+    Per row: p = softmax(teacher / T), q = softmax(student / T); the teacher's vocabulary is split
+    into a head (the longest prefix, in descending-probability order, whose mass stays <= mu) and
+    a tail; loss = w_head * KL(p||q) + w_tail * KL(q||p) with weights proportional to the
+    student's gap sum|p - q| in each part. See SPEC.md section 2 for the exact rules.
+
+    Args:
+        student_logits: (..., V) float16/bfloat16/float32/float64; receives the gradient.
+        teacher_logits: (..., V), same shape and device; any of the same dtypes; no gradient.
+        mu: head mass, 0 < mu <= 1.
+        temperature: T > 0 and finite; no T^2 factor is applied.
+        labels: optional integer tensor of the leading shape; rows with labels == ignore_index
+            contribute 0 and get a zero gradient.
+        ignore_index: label value of ignored rows.
+        reduction: "mean" (over kept rows; 0 when none is kept), "sum" or "none".
+        return_stats: also return an AKLStats of detached per-row diagnostics.
+        backend: "auto" (Triton for CUDA tensors, else "torch"), "triton" or "torch".
+
+    Returns:
+        The loss (float32, or float64 for float64 inputs), or (loss, AKLStats).
+    """
+    return _distillation_loss(
+        LossMode.AKL, student_logits, teacher_logits, mu, temperature, labels, ignore_index,
+        reduction, return_stats, backend,
+    )
+
+
+def fkl_loss(
+    student_logits,
+    teacher_logits,
+    *,
+    temperature=1.0,
+    labels=None,
+    ignore_index=-100,
+    reduction="mean",
+    return_stats=False,
+    backend="auto",
+):
+    """Forward KL, KL(p||q) per row; arguments and returns as akl_loss (statistics at mu = 0.5)."""
+    return _distillation_loss(
+        LossMode.FKL, student_logits, teacher_logits, STATS_MU, temperature, labels,
+        ignore_index, reduction, return_stats, backend,
+    )
+
+
+def rkl_loss(
+    student_logits,
+    teacher_logits,
+    *,
+    temperature=1.0,
+    labels=None,
+    ignore_index=-100,
+    reduction="mean",
+    return_stats=False,
+    backend="auto",
+):
+    """Reverse KL, KL(q||p) per row; arguments and returns as akl_loss (statistics at mu = 0.5)."""
+    return _distillation_loss(
+        LossMode.RKL, student_logits, teacher_logits, STATS_MU, temperature, labels,
+        ignore_index, reduction, return_stats, backend,
+    )
+
+
+class AKLLoss(torch.nn.Module):
+    """nn.Module form of akl_loss: holds its keyword arguments, checked when constructed.
+
+    forward(student_logits, teacher_logits, labels=None) returns what akl_loss returns.
+    """
+
+    def __init__(
+        self,
+        *,
+        mu=0.5,
+        temperature=1.0,
+        ignore_index=-100,
+        reduction="mean",
+        return_stats=False,
+        backend="auto",
+    ):
+        super().__init__()
+        _check_options(mu, temperature, ignore_index, reduction, backend)
+        self.mu = mu
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.return_stats = return_stats
+        self.backend = backend
+
+    def forward(self, student_logits, teacher_logits, labels=None):
+        return akl_loss(
+            student_logits,
+            teacher_logits,
+            mu=self.mu,
+            temperature=self.temperature,
+            labels=labels,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            return_stats=self.return_stats,
+            backend=self.backend,
+        )
+
+    def extra_repr(self):
+        return (
+            f"mu={self.mu}, temperature={self.temperature}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )
+
+
+def _distillation_loss(
+    mode, student, teacher, mu, temperature, labels, ignore_index, reduction, return_stats, backend
+):
+    _check_tensors(student, teacher, labels)
+    _check_options(mu, temperature, ignore_index, reduction, backend)
+    row_losses = _select_backend(backend, student.device)
+
+    leading_shape = student.shape[:-1]
+    if student.dim() == 1:  # a single row
+        student, teacher = student.unsqueeze(0), teacher.unsqueeze(0)
+    keep = None if labels is None else (labels != ignore_index).reshape(-1)
+    dtype = compute_dtype(student, teacher)
+    if keep is None:
+        kept_rows = torch.full((), leading_shape.numel(), dtype=dtype, device=student.device)
+    else:
+        kept_rows = keep.sum().to(dtype)
+    if reduction == "mean":
+        grad_scale = 1.0 / kept_rows.clamp(min=1)
+    else:
+        grad_scale = torch.ones((), dtype=dtype, device=student.device)
+
+    config = RowLossConfig(
+        mode=LossMode(mode),
+        mu=float(mu),
+        temperature=float(temperature),
+        split=mode == LossMode.AKL or bool(return_stats),
+    )
+    compute_grad = torch.is_grad_enabled() and student.requires_grad
+    loss, stats, head_size = _DistillationLoss.apply(
+        student, teacher, keep, grad_scale, config, reduction, row_losses, compute_grad
+    )
+    if reduction == "none":
+        loss = loss.reshape(leading_shape)
+    if not return_stats:
+        return loss
+    per_row = [value.reshape(leading_shape) for value in stats]
+    return loss, AKLStats(*per_row, head_size.reshape(leading_shape))
+
+
+class _DistillationLoss(torch.autograd.Function):
+    """Reduced loss whose gradient is computed, already scaled for the reduction, in forward.
+
+    The first backward hands that buffer over after multiplying it by grad_output in place
+    (skipped when grad_output is 1), so no second vocabulary-sized tensor is made. A further
+    backward through a retained graph recomputes it from the saved inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, keep, grad_scale, config, reduction, row_losses, compute_grad):
+        rows = row_losses(student, teacher, keep, grad_scale, config, compute_grad)
+        if reduction == "none":
+            loss = rows.loss
+        else:
+            # grad_scale is 1 / kept rows for "mean" and 1 for "sum".
+            loss = rows.loss.sum() * grad_scale
+        ctx.grad = rows.grad
+        ctx.config = config
+        ctx.row_losses = row_losses
+        ctx.save_for_backward(student, teacher, keep, grad_scale)
+        ctx.mark_non_differentiable(rows.stats, rows.head_size)
+        return loss, rows.stats, rows.head_size
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_stats, _grad_head_size):
+        grad, ctx.grad = ctx.grad, None
+        student, teacher, keep, grad_scale = ctx.saved_tensors
+        if grad is None:
+            grad = ctx.row_losses(student, teacher, keep, grad_scale, ctx.config, True).grad
+        if grad_loss.dim() == 0:
+            factor = float(grad_loss)  # one host sync; a Python scalar keeps full precision
+            if factor != 1.0:
+                grad.mul_(factor)
+        else:
+            _scale_rows_(grad.view(grad_loss.numel(), -1), grad_loss.reshape(-1), keep)
+        return grad, None, None, None, None, None, None, None
+
+
+def _scale_rows_(grad, row_scale, keep):
+    """grad[i, :] *= row_scale[i] in place, for (N, V) grad and (N,) row_scale.
+
+    Ignored rows stay exactly 0 whatever their scale holds (no 0 * NaN).
+    """
+    if keep is not None:
+        row_scale = torch.where(keep, row_scale, 0.0)
+    row_scale = row_scale[:, None]
+    if grad.dtype in (torch.float32, torch.float64):
+        grad.mul_(row_scale.to(grad.dtype))
+        return
+    # float16/bfloat16: multiply in float32, a chunk of rows at a time, and round once.
+    rows_per_chunk = max(1, (1 << 20) // max(grad.shape[1], 1))
+    for rows, scale in zip(grad.split(rows_per_chunk), row_scale.split(rows_per_chunk)):
+        rows.copy_(rows.float().mul_(scale.float()))
+
+
+def _select_backend(backend, device):
+    """The row_losses function for `backend` on `device` (SPEC section 3)."""
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "torch":
+        return torch_row_losses
+    if not _triton_available():
+        raise ImportError("backend='triton' needs the triton package (pip install triton)")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' got CPU tensors: move them to a CUDA device, or set "
+            "TRITON_INTERPRET=1 before triton is imported to run the kernels in Triton's "
+            "interpreter (slow; for tests), or use backend='torch'"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"backend='triton' runs on CUDA tensors, got a tensor on {device}")
+    from .triton_backend import triton_row_losses
+
+    return triton_row_losses
+
+
+def _triton_available():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_tensors(student, teacher, labels):
+    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{name} must hold float16, bfloat16, float32 or float64 logits, got {x.dtype}"
+            )
+        if x.dim() == 0:
+            raise ValueError(f"{name} must have shape (..., V), got a 0-dim tensor")
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same vocabulary size (last "
+            f"dimension), got {student.shape[-1]} and {teacher.shape[-1]}"
+        )
+    if student.shape != teacher.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same leading shape, got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    if student.shape[-1] == 0:
+        raise ValueError("the vocabulary dimension (last) of the logits is empty")
+    if student.device != teacher.device:
+        raise ValueError(
+            f"student_logits is on {student.device} but teacher_logits is on {teacher.device}"
+        )
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != student.shape[:-1]:
+        raise ValueError(
+            f"labels must have the logits' leading shape {tuple(student.shape[:-1])}, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.device != student.device:
+        raise ValueError(f"labels are on {labels.device} but the logits are on {student.device}")
+
+
+def _check_options(mu, temperature, ignore_index, reduction, backend):
+    if not _is_real(mu) or not (0.0 < float(mu) <= 1.0):
+        raise ValueError(f"mu must be a number in (0, 1], got {mu!r}")
+    if not _is_real(temperature) or not (math.isfinite(float(temperature)) and float(temperature) > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _is_real(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)

@@ -1,0 +1,5 @@
+"""PyTorch reference for the distillation losses of SPEC section 2 (not shipped in the wheel)."""
+
+from .akl_reference import head_size_bounds, reference_loss, reference_row_losses
+
+__all__ = ["head_size_bounds", "reference_loss", "reference_row_losses"]

@@ -1,0 +1,24 @@
+"""Test configuration: Triton kernels run in Triton's interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before triton is imported, which is why it is set here, at the
+top of the first file pytest imports.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
