@@ -3,8 +3,8 @@
 This is the default on machines without a GPU. Rows are processed a chunk at a time so that the
 working memory stays at a few chunk-sized buffers besides the gradient itself, and the gradient
 is computed from SPEC section 2 step 7 directly (no autograd graph over vocabulary-sized
-intermediates). The head/tail split looks at the teacher's TOPK largest logits; only rows whose
-crossing of mu lies beyond them, or falls inside a group of tied logits, are sorted.
+intermediates). The head/tail split looks at the teacher's TOPK largest logits, and at more of
+them only for the rows whose crossing of mu lies further down; no row is fully sorted.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import torch
 from ._rows import TOPK, LossMode, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
 
 NEG_INF = float("-inf")
+INF = float("inf")
 
-# Rows per chunk times vocabulary size: about 2 MiB per float32 buffer.
-CHUNK_ELEMENTS = 1 << 19
+# Rows per chunk times vocabulary size: about 4 MiB per float32 buffer.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def torch_row_losses(
@@ -45,18 +46,26 @@ def torch_row_losses(
     loss = torch.zeros(n_rows, dtype=dtype, device=device)
     stats = torch.zeros(len(STATS_FIELDS), n_rows, dtype=dtype, device=device)
     head_size = torch.zeros(n_rows, dtype=torch.int64, device=device)
-    grad = torch.zeros(student.shape, dtype=student.dtype, device=device) if compute_grad else None
+    grad = None
+    if compute_grad:
+        grad = torch.empty(student.shape, dtype=student.dtype, device=device)
+        if keep is not None:
+            grad.view(n_rows, vocab).index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
 
     kept = torch.arange(n_rows, device=device) if keep is None else keep.nonzero().squeeze(1)
-    rows_per_chunk = max(1, CHUNK_ELEMENTS // vocab)
+    rows_per_chunk = max(1, min(CHUNK_ELEMENTS // vocab, kept.numel()))
     grad_factor = grad_scale.to(dtype) / config.temperature
-    for rows in kept.split(rows_per_chunk):
-        index = torch.unravel_index(rows, leading_shape)
-        # a = t / T and b = s / T, as fresh compute-dtype copies of the chunk's rows.
-        a = _divided(teacher[index].to(dtype), config.temperature)
-        b = _divided(student[index].to(dtype), config.temperature)
+    workspace = _Workspace(rows_per_chunk, vocab, dtype, device)
+    read_teacher = _chunk_reader(teacher, keep, dtype, config.temperature)
+    read_student = _chunk_reader(student, keep, dtype, config.temperature)
+    for rows in kept.split(rows_per_chunk) if kept.numel() else ():
+        chunk = workspace.rows(rows.numel())
+        # a = t / T and b = s / T: views of the inputs where possible (never written), else
+        # copies in the workspace.
+        a = read_teacher(rows, lambda: chunk.a)
+        b = read_student(rows, lambda: chunk.b)
         chunk_loss, chunk_stats, chunk_head_size, chunk_grad = _chunk_losses(
-            a, b, config, grad_factor if compute_grad else None
+            a, b, chunk, config, grad_factor if compute_grad else None
         )
         loss[rows] = chunk_loss
         stats[:, rows] = chunk_stats
@@ -66,52 +75,105 @@ def torch_row_losses(
     return RowLosses(loss, stats, head_size, grad)
 
 
-def _divided(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    return x if temperature == 1.0 else x.div_(temperature)
+class _Workspace:
+    """Chunk-sized buffers, allocated on first use and reused by every chunk of a call.
 
-
-def _chunk_losses(a, b, config, grad_factor):
-    """SPEC section 2 for a chunk of R rows; a and b are (R, V) and are overwritten.
-
-    Returns (loss (R,), stats (6, R), head_size (R,), grad (R, V) or None). grad_factor is
-    grad_scale / T, or None when no gradient is wanted.
+    Ops write into them with out=: allocating, and page-faulting in, several
+    vocabulary-sized tensors per chunk instead costs about as much as the arithmetic.
+    `a` and `b` are only needed when the inputs cannot be read as views.
     """
-    # Step 1: the support, and rows that must give NaN (NaN/+inf logits, empty support).
-    outside = ~((a > NEG_INF) & (b > NEG_INF))
-    bad = a.isnan()
-    bad |= a.isposinf()
-    bad |= b.isnan()
-    bad |= b.isposinf()
-    invalid = bad.any(1) | outside.all(1)
-    del bad
-    a.masked_fill_(outside, NEG_INF)
-    b.masked_fill_(outside, NEG_INF)
 
-    # Step 2: p = softmax(a), q = softmax(b) over the support, with each row's max and the log
-    # of its normaliser: log p = (a - max) - log_z.
-    p, max_a, log_z_a = _softmax(a)
-    q, max_b, log_z_b = _softmax(b)
+    def __init__(self, rows, vocab, dtype, device):
+        self.shape, self.dtype, self.device = (rows, vocab), dtype, device
+        self.buffers = {}
 
-    # Step 3: the head mask, from the teacher's logits before they become log-probabilities.
-    head = _head_mask(a, max_a, log_z_a, config.mu) if config.split else None
+    def rows(self, count):
+        """The buffers cut to their first `count` rows: chunk.NAME is an (count, V) view."""
+        workspace = self
 
-    # d = log p - log q on the support, 0 outside it.
-    log_p = a.sub_(max_a).sub_(log_z_a)
-    log_q = b.sub_(max_b).sub_(log_z_b)
-    d = torch.sub(log_p, log_q).masked_fill_(outside, 0.0)
-    del a, b, log_p, log_q
+        class Chunk:
+            def __getattr__(self, name):
+                return workspace.buffer(name)[:count]
+
+        return Chunk()
+
+    def buffer(self, name):
+        if name not in self.buffers:
+            dtype = torch.bool if name == "head" else self.dtype
+            self.buffers[name] = torch.empty(self.shape, dtype=dtype, device=self.device)
+        return self.buffers[name]
+
+
+def _chunk_reader(x, keep, dtype, temperature):
+    """A function (rows, out) -> x[rows] / T as an (R, V) tensor of the compute dtype.
+
+    The result is a view of x when every row is kept, the rows of x form one strided 2-D
+    view, the dtype already matches and T = 1; otherwise it is written into out(), a function
+    that returns the workspace buffer (so that the buffer is only allocated when needed).
+    """
+    vocab = x.shape[-1]
+    try:
+        rows_2d = x.view(-1, vocab)
+    except RuntimeError:  # leading dimensions that no single stride describes
+        rows_2d = None
+
+    def read(rows, out):
+        if keep is None and rows_2d is not None:
+            source = rows_2d[int(rows[0]) : int(rows[-1]) + 1]  # consecutive rows: a view
+            if source.dtype == dtype and temperature == 1.0:
+                return source
+            target = out().copy_(source)
+        elif rows_2d is not None and x.dtype == dtype:
+            target = torch.index_select(rows_2d, 0, rows, out=out())
+        else:
+            target = out().copy_(x[torch.unravel_index(rows, x.shape[:-1])])
+        return target.div_(temperature) if temperature != 1.0 else target
+
+    return read
+
+
+def _chunk_losses(a, b, chunk, config, grad_factor):
+    """SPEC section 2 for a chunk of R rows of a = t / T and b = s / T, both (R, V).
+
+    a and b are not written to; `chunk` holds the workspace buffers cut to R rows. Returns
+    (loss (R,), stats (6, R), head_size (R,), grad (R, V) in a workspace buffer, or None).
+    grad_factor is grad_scale / T, or None when no gradient is wanted.
+    """
+    # Step 1: rows with NaN or +inf logits (their max is NaN or +inf) must give NaN; positions
+    # where either logit is -inf are outside the support.
+    invalid = ~(a.amax(1) < INF) | ~(b.amax(1) < INF)
+    outside = None
+    if bool((a.amin() == NEG_INF) | (b.amin() == NEG_INF)):
+        outside = (a == NEG_INF) | (b == NEG_INF)
+        a = a.masked_fill(outside, NEG_INF)
+        b = b.masked_fill(outside, NEG_INF)
+
+    # Step 2: p = softmax(a), q = softmax(b) over the support.
+    p, shifted_a, max_a, log_z_a = _softmax(a, chunk.p, chunk.shifted_a)
+    q, shifted_b, _, log_z_b = _softmax(b, chunk.q, chunk.shifted_b)
+    invalid |= max_a.squeeze(1) == NEG_INF  # empty support
+
+    # Step 3: the head mask, from the teacher's logits themselves (exact ties).
+    head = _head_mask(a, max_a, log_z_a, config.mu, chunk.head) if config.split else None
+
+    # d = log p - log q on the support (0 outside), with log p = (a - max_a) - log_z_a.
+    d = shifted_a.sub_(shifted_b).sub_(log_z_a - log_z_b)
+    if outside is not None:
+        d.masked_fill_(outside, 0.0)
+    scratch = shifted_b
 
     # Step 5: FKL = sum p (log p - log q), RKL = sum q (log q - log p).
-    fkl = torch.einsum("rv,rv->r", p, d)
-    rkl = -torch.einsum("rv,rv->r", q, d)
+    fkl = torch.mul(p, d, out=scratch).sum(1)
+    rkl = torch.mul(q, d, out=scratch).sum(1).neg_()
 
     # Step 4: gaps |p - q| over head and tail; weights from them (AKL) or fixed.
+    q_minus_p = torch.sub(q, p, out=chunk.q_minus_p)
     if head is not None:
-        diff = torch.sub(p, q).abs_()
-        head_gap = torch.where(head, diff, 0.0).sum(1)
-        tail_gap = diff.masked_fill_(head, 0.0).sum(1)
+        gap = torch.abs(q_minus_p, out=scratch)
+        total_gap = gap.sum(1)
         head_size = head.sum(1)
-        del diff
+        tail_gap = gap.masked_fill_(head, 0.0).sum(1)
+        head_gap = total_gap - tail_gap
     else:
         head_gap = tail_gap = torch.zeros_like(fkl)
         head_size = torch.zeros(fkl.shape, dtype=torch.int64, device=fkl.device)
@@ -125,41 +187,39 @@ def _chunk_losses(a, b, config, grad_factor):
         head_weight = torch.full_like(fkl, 1.0 if config.mode == LossMode.FKL else 0.0)
         tail_weight = 1.0 - head_weight
 
-    # Step 6: the loss.
-    if config.mode == LossMode.FKL:
-        loss = fkl.clone()
-    elif config.mode == LossMode.RKL:
-        loss = rkl.clone()
-    else:
-        loss = head_weight * fkl + tail_weight * rkl
-    loss[invalid] = float("nan")
+    # Step 6: the loss (w_tail = 0 for FKL, w_head = 0 for RKL).
+    loss = head_weight * fkl + tail_weight * rkl
+    any_invalid = bool(invalid.any())
+    if any_invalid:
+        loss[invalid] = float("nan")
     stats = torch.stack((fkl, rkl, head_gap, tail_gap, head_weight, tail_weight))
 
-    # Step 7: d loss / d b_j = w_head (q_j - p_j) + w_tail q_j (log q_j - log p_j - RKL), times 1/T
-    # and the reduction's scale (both in grad_factor); 0 outside the support since p = q = 0 there.
+    # Step 7: d loss / d b_j = w_head (q_j - p_j) + w_tail q_j (log q_j - log p_j - RKL), times
+    # f = grad_scale / T, built in d's buffer as q_j (-f w_tail) (d_j + RKL) + f w_head (q_j - p_j).
+    # It is 0 outside the support, where p = q = 0 and d = 0.
     grad = None
     if grad_factor is not None:
-        if config.mode == LossMode.FKL:
-            grad = q.sub_(p).mul_(grad_factor)
-        else:
-            # q (log q - log p - RKL) = q (-d - RKL), built in d's buffer.
-            grad = d.neg_().sub_(rkl[:, None]).mul_(q).mul_((tail_weight * grad_factor)[:, None])
-            if config.mode == LossMode.AKL:
-                grad.add_(q.sub_(p).mul_((head_weight * grad_factor)[:, None]))
-        grad[invalid] = float("nan")
+        head_factor = (head_weight * grad_factor)[:, None]
+        tail_factor = (tail_weight * grad_factor)[:, None]
+        grad = d.add_(rkl[:, None]).mul_(q).mul_(-tail_factor)
+        grad.addcmul_(q_minus_p, head_factor)
+        if any_invalid:
+            grad[invalid] = float("nan")
     return loss, stats, head_size, grad
 
 
-def _softmax(x):
-    """Row softmax of (R, V) x (-inf outside the support), its (R, 1) max and log normaliser.
+def _softmax(x, out, out_shifted):
+    """Row softmax of (R, V) x (-inf outside the support), in the pieces log softmax needs.
 
-    The exponentials are taken once: e = exp(x - max), softmax = e / sum(e), and
-    log softmax = (x - max) - log(sum(e)). Rows without support give NaN (they are invalid).
+    Returns (softmax in out, x - max in out_shifted, max (R, 1), log_z (R, 1)) with
+    log softmax = (x - max) - log_z, the exponentials taken once. Rows without support give
+    NaN (they are invalid anyway).
     """
     row_max = x.amax(1, keepdim=True)
-    e = torch.sub(x, row_max).exp_()
+    shifted = torch.sub(x, row_max, out=out_shifted)
+    e = torch.exp(shifted, out=out)
     total = e.sum(1, keepdim=True)
-    return e.div_(total), row_max, total.log_()
+    return e.div_(total), shifted, row_max, total.log_()
 
 
 def _prob(x, row_max, log_z):
@@ -167,43 +227,38 @@ def _prob(x, row_max, log_z):
     return torch.sub(x, row_max).sub_(log_z).exp_()
 
 
-def _head_mask(a, max_a, log_z_a, mu):
-    """(R, V) bool: the teacher's head at mass mu (SPEC section 2 step 3), for masked logits a.
+def _head_mask(a, max_a, log_z_a, mu, out):
+    """(R, V) bool, written to out: the teacher's head at mass mu (SPEC section 2 step 3).
 
-    Fast path: the TOPK largest logits of each row, their running mass in descending order,
-    and the first token whose running mass exceeds mu (the crossing token, rank h). If it lies
-    among the TOPK and no logit equal to it is in the head, the head is exactly {a > a_crossing}.
-    Rows where the crossing lies beyond the TOPK, or inside a group of tied logits (the head
-    then takes the ties of lowest index), are resolved by a stable sort of that row.
+    The k largest logits of each row (k = TOPK, then 16x more for the rows that need it), their
+    running mass in descending order, and the first token whose running mass exceeds mu (the
+    crossing token, at rank head_count) give the head as {a > a_crossing} plus, when the
+    crossing falls inside a group of tied logits, the ties of lowest index that keep the
+    running mass <= mu (ties_in_head of them). No full sort is needed.
     """
-    k = min(TOPK, a.shape[1])
-    top = a.topk(k, dim=1).values  # (R, k), descending
-    running = _prob(top, max_a, log_z_a).cumsum_(1)
-    head_count = (running <= mu).sum(1).clamp_(min=1)
-    crossing_in_top = head_count < k
-    crossing = torch.where(
-        crossing_in_top,
-        top.gather(1, head_count.clamp(max=k - 1)[:, None]).squeeze(1),
-        NEG_INF,
-    )
-    ties_in_head = torch.where(
-        crossing == NEG_INF, 0, head_count - (top > crossing[:, None]).sum(1)
-    )
-    saw_every_token = (top[:, -1] == NEG_INF) | (k == a.shape[1])
-    needs_sort = (~crossing_in_top & ~saw_every_token) | (ties_in_head > 0)
+    n_rows, vocab = a.shape
+    crossing = torch.full((n_rows,), NEG_INF, dtype=a.dtype, device=a.device)
+    ties_in_head = torch.zeros(n_rows, dtype=torch.int64, device=a.device)
+    pending = torch.arange(n_rows, device=a.device)
+    k = min(TOPK, vocab)
+    while pending.numel():
+        rows_a = a if pending.numel() == n_rows else a[pending]
+        top = rows_a.topk(k, dim=1).values  # descending
+        running = _prob(top, max_a[pending], log_z_a[pending]).cumsum_(1)
+        head_count = (running <= mu).sum(1).clamp_(min=1)
+        # Resolved: the crossing is among the k, or every token was seen (then none crosses).
+        resolved = (head_count < k) | (top[:, -1] == NEG_INF) | (k == vocab)
+        at = head_count.clamp(max=k - 1)[:, None]
+        row_crossing = torch.where(head_count < k, top.gather(1, at).squeeze(1), NEG_INF)
+        row_ties = torch.where(row_crossing == NEG_INF, 0, head_count - (top > row_crossing[:, None]).sum(1))
+        crossing[pending[resolved]] = row_crossing[resolved]
+        ties_in_head[pending[resolved]] = row_ties[resolved]
+        pending = pending[~resolved]
+        k = min(16 * k, vocab)
 
-    head = a > crossing[:, None]
-    rows = needs_sort.nonzero().squeeze(1)
-    if rows.numel():
-        head[rows] = _sorted_head(a[rows], max_a[rows], log_z_a[rows], mu)
+    head = torch.gt(a, crossing[:, None], out=out)
+    split = (ties_in_head > 0).nonzero().squeeze(1)
+    if split.numel():
+        tie = a[split] == crossing[split, None]
+        head[split] |= tie & (tie.cumsum(1) <= ties_in_head[split, None])
     return head
-
-
-def _sorted_head(a, max_a, log_z_a, mu):
-    """Exact head mask by a stable descending sort: the fallback for the rows that need it."""
-    order = torch.sort(a, dim=1, descending=True, stable=True).indices
-    running = _prob(a.gather(1, order), max_a, log_z_a).cumsum_(1)
-    head_in_order = running <= mu
-    head_in_order[:, 0] = True
-    head = torch.zeros_like(head_in_order).scatter_(1, order, head_in_order)
-    return head & (a > NEG_INF)
