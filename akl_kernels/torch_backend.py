@@ -16,7 +16,7 @@ from ._rows import TOPK, LossMode, RowLossConfig, RowLosses, STATS_FIELDS, compu
 NEG_INF = float("-inf")
 INF = float("inf")
 
-# Rows per chunk times vocabulary size: about 4 MiB per float32 buffer.
+# Largest rows per chunk times vocabulary size: 4 MiB per float32 buffer.
 CHUNK_ELEMENTS = 1 << 20
 
 
@@ -53,7 +53,8 @@ def torch_row_losses(
             grad.view(n_rows, vocab).index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
 
     kept = torch.arange(n_rows, device=device) if keep is None else keep.nonzero().squeeze(1)
-    rows_per_chunk = max(1, min(CHUNK_ELEMENTS // vocab, kept.numel()))
+    # The workspace (about 21 bytes per chunk element) stays within a fifth of the gradient.
+    rows_per_chunk = max(1, min(CHUNK_ELEMENTS // vocab, n_rows // 24, kept.numel()))
     grad_factor = grad_scale.to(dtype) / config.temperature
     workspace = _Workspace(rows_per_chunk, vocab, dtype, device)
     read_teacher = _chunk_reader(teacher, keep, dtype, config.temperature)
@@ -166,8 +167,10 @@ def _chunk_losses(a, b, chunk, config, grad_factor):
     fkl = torch.mul(p, d, out=scratch).sum(1)
     rkl = torch.mul(q, d, out=scratch).sum(1).neg_()
 
-    # Step 4: gaps |p - q| over head and tail; weights from them (AKL) or fixed.
-    q_minus_p = torch.sub(q, p, out=chunk.q_minus_p)
+    # Step 4: gaps |p - q| over head and tail; weights from them (AKL) or fixed. p itself is not
+    # needed any more: q - p takes its buffer.
+    q_minus_p = torch.sub(q, p, out=p)
+    del p
     if head is not None:
         gap = torch.abs(q_minus_p, out=scratch)
         total_gap = gap.sum(1)
