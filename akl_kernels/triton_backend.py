@@ -58,6 +58,32 @@ def _load_block(
 
 
 @triton.jit
+def _block_probabilities(
+    teacher_row,
+    student_row,
+    cols,
+    V,
+    temperature,
+    max_a,
+    log_z_a,
+    max_b,
+    log_z_b,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """For one block once the normalisers are known: a, the support, p, q and d = log p - log q.
+
+    p, q and d are 0 outside the support.
+    """
+    a, b, support, bad = _load_block(teacher_row, student_row, cols, V, temperature, COMPUTE_DTYPE)
+    log_p = _log_prob(a, max_a, log_z_a)
+    log_q = _log_prob(b, max_b, log_z_b)
+    p = tl.where(support, tl.exp(log_p), 0.0)
+    q = tl.where(support, tl.exp(log_q), 0.0)
+    d = tl.where(support, log_p - log_q, 0.0)
+    return a, support, p, q, d
+
+
+@triton.jit
 def _online_logsumexp(running_max, running_sum, x):
     """Fold a block x (-inf at masked positions) into (max, sum of exp(x - max))."""
     new_max = tl.maximum(running_max, tl.max(x, 0))
@@ -313,12 +339,9 @@ def _distill_rows_kernel(
         head_size = tl.zeros([], tl.int32)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            a, b, support, bad = _load_block(teacher_row, student_row, cols, V, temperature, COMPUTE_DTYPE)
-            log_p = _log_prob(a, max_a, log_z_a)
-            log_q = _log_prob(b, max_b, log_z_b)
-            p = tl.where(support, tl.exp(log_p), 0.0)
-            q = tl.where(support, tl.exp(log_q), 0.0)
-            d = tl.where(support, log_p - log_q, 0.0)
+            a, support, p, q, d = _block_probabilities(
+                teacher_row, student_row, cols, V, temperature, max_a, log_z_a, max_b, log_z_b, COMPUTE_DTYPE
+            )
             fkl += tl.sum(p * d, 0)  # FKL = sum p (log p - log q)
             rkl -= tl.sum(q * d, 0)  # RKL = sum q (log q - log p)
             if SPLIT:
@@ -354,17 +377,11 @@ def _distill_rows_kernel(
             tail_factor = tail_weight * scale
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                a, b, support, bad = _load_block(teacher_row, student_row, cols, V, temperature, COMPUTE_DTYPE)
-                log_p = _log_prob(a, max_a, log_z_a)
-                log_q = _log_prob(b, max_b, log_z_b)
-                p = tl.where(support, tl.exp(log_p), 0.0)
-                q = tl.where(support, tl.exp(log_q), 0.0)
-                if MODE == MODE_FKL:
-                    g = head_factor * (q - p)
-                elif MODE == MODE_RKL:
-                    g = tail_factor * q * tl.where(support, log_q - log_p - rkl, 0.0)
-                else:
-                    g = head_factor * (q - p) + tail_factor * q * tl.where(support, log_q - log_p - rkl, 0.0)
+                a, support, p, q, d = _block_probabilities(
+                    teacher_row, student_row, cols, V, temperature, max_a, log_z_a, max_b, log_z_b, COMPUTE_DTYPE
+                )
+                # q (log q - log p - RKL) = -q (d + RKL); 0 outside the support, where p = q = 0.
+                g = head_factor * (q - p) - tail_factor * q * (d + rkl)
                 g = tl.where(invalid, float("nan"), g)
                 tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
     else:

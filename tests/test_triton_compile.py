@@ -42,7 +42,6 @@ def test_kernel_compiles_without_spills(compiled, capability, variant):
     student, teacher = variant[:2]
     if "fp64" not in (student, teacher):
         assert usage["local"] == 0, f"register spills: {usage}"
-        assert usage["stack"] == 0, f"stack frame: {usage}"
 
 
 def test_runtime_scalars_are_not_compile_time_constants():
