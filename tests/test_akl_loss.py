@@ -366,3 +366,10 @@ def test_backends_agree_on_a_batch():
     torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out["triton"][2], out["torch"][2], rtol=1e-4, atol=2e-7)
     assert torch.equal(out["triton"][1].head_size, out["torch"][1].head_size)
+
+
+def test_teacher_gets_no_gradient(backend):
+    student, teacher = logits(2, 50).requires_grad_(True), logits(2, 50).requires_grad_(True)
+    akl_loss(student, teacher, backend=backend).backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
