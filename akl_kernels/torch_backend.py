@@ -89,20 +89,24 @@ class _Workspace:
         self.buffers = {}
 
     def rows(self, count):
-        """The buffers cut to their first `count` rows: chunk.NAME is an (count, V) view."""
-        workspace = self
-
-        class Chunk:
-            def __getattr__(self, name):
-                return workspace.buffer(name)[:count]
-
-        return Chunk()
+        """The buffers cut to their first `count` rows."""
+        return _ChunkBuffers(self, count)
 
     def buffer(self, name):
         if name not in self.buffers:
             dtype = torch.bool if name == "head" else self.dtype
             self.buffers[name] = torch.empty(self.shape, dtype=dtype, device=self.device)
         return self.buffers[name]
+
+
+class _ChunkBuffers:
+    """A chunk's view of the workspace: chunk.NAME is the (count, V) start of buffer NAME."""
+
+    def __init__(self, workspace, count):
+        self._workspace, self._count = workspace, count
+
+    def __getattr__(self, name):
+        return self._workspace.buffer(name)[: self._count]
 
 
 def _chunk_reader(x, keep, dtype, temperature):
