@@ -1,12 +1,15 @@
-"""Test configuration: Triton kernels run in Triton's interpreter on CPU tensors.
+"""Test configuration: by default Triton kernels run in Triton's interpreter on CPU tensors.
 
 TRITON_INTERPRET must be set before triton is imported, which is why it is set here, at the
-top of the first file pytest imports.
+top of the first file pytest imports. With AKL_TEST_DEVICE=cuda (benchmarks/device_check.sh)
+every tensor the tests create lives on the GPU and the Triton kernels run compiled.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+TEST_DEVICE = os.environ.get("AKL_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -17,6 +20,9 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+if TEST_DEVICE != "cpu":
+    torch.set_default_device(TEST_DEVICE)  # factory functions without a device use it
 
 BACKENDS = ["torch", "triton"]
 

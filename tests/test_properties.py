@@ -28,7 +28,7 @@ cases = st.fixed_dictionaries(
 
 
 def build(case):
-    generator = torch.Generator().manual_seed(case["seed"])
+    generator = torch.Generator(torch.get_default_device()).manual_seed(case["seed"])
     shape = (case["rows"], case["vocab"])
 
     def draw():

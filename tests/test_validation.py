@@ -96,7 +96,7 @@ def test_module_checks_its_arguments_when_built():
 def test_different_devices():
     s = torch.randn(2, 10)
     t = torch.randn(2, 10, device="meta")
-    with pytest.raises(ValueError, match="is on cpu but teacher_logits is on meta"):
+    with pytest.raises(ValueError, match=f"is on {s.device} but teacher_logits is on meta"):
         akl_loss(s, t)
     labels = torch.zeros(2, dtype=torch.long, device="meta")
     with pytest.raises(ValueError, match="labels are on meta"):
@@ -104,10 +104,12 @@ def test_different_devices():
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    s, t = pair(2, 10)
-    monkeypatch.delenv("TRITON_INTERPRET")
+    s, t = (x.cpu() for x in pair(2, 10))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         akl_loss(s, t, backend="triton")
+    if os.environ.get("AKL_TEST_DEVICE", "cpu") != "cpu":
+        return  # triton was imported without its interpreter: CPU tensors cannot run here
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert os.environ["TRITON_INTERPRET"] == "1"
     assert akl_loss(s, t, backend="triton").isfinite()

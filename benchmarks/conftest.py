@@ -1,0 +1,204 @@
+"""pytest-benchmark configuration: device, rounds, time budget, and the results file.
+
+    pytest benchmarks/ --benchmark-only                       # CPU matrix, or GPU matrix if CUDA is present
+    pytest benchmarks/ --benchmark-only --akl-device cpu      # force the CPU matrix
+    pytest benchmarks/ --benchmark-only --akl-results PATH    # results file (default benchmarks/results/<device>.json)
+
+At the end of the session the results file is written, rendered into markdown and PNG beside it,
+and the markdown table is printed last.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import results
+from benchmarks.contenders import CONTENDERS, OUR_LOSSES, Contender, Unavailable
+from benchmarks.measure import (
+    SLOW_CALL_S,
+    SLOW_ROUNDS,
+    cpu_peak_extra_bytes,
+    cuda_copy_bandwidth,
+)
+from benchmarks.workloads import Shape, make_inputs, shapes_for
+
+RESULTS_DIR = Path(__file__).parent / "results"
+DEFAULT_ROUNDS = {"cpu": 3, "cuda": 10}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("akl-kernels benchmarks")
+    group.addoption("--akl-device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="device whose matrix runs (auto: cuda when available)")
+    group.addoption("--akl-rounds", type=int, default=None, help="timed rounds per case (default: cpu 3, cuda 10)")
+    group.addoption("--akl-results", type=Path, default=None,
+                    help="results file (default benchmarks/results/<device type>.json)")
+    group.addoption("--akl-time-budget", type=float, default=None,
+                    help="seconds; cases that would start later are skipped with that reason")
+
+
+def _device(config) -> torch.device:
+    choice = config.getoption("--akl-device")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--akl-device cuda: CUDA is not available")
+    return torch.device(choice)
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        cases = [(shape, c) for shape in shapes_for(_device(metafunc.config)) for c in CONTENDERS]
+        metafunc.parametrize("case", cases, ids=[f"{s.label}-{c.name}" for s, c in cases])
+
+
+@dataclass
+class BenchSession:
+    """What the benchmark cases share: the device, cached inputs and figures, and the records."""
+
+    device: torch.device
+    rounds: int
+    time_budget: float | None
+    started: float = field(default_factory=time.monotonic)
+    records: list = field(default_factory=list)
+    _inputs: tuple = (None, None)  # (shape, (student, teacher)): one shape at a time, to bound memory
+    _expected: dict = field(default_factory=dict)
+    _cpu_memory: dict = field(default_factory=dict)
+    _copy_bandwidth: float | None = None
+
+    def inputs(self, shape: Shape):
+        if self._inputs[0] != shape:
+            self._inputs = (None, None)  # free the previous shape's tensors before drawing new ones
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._inputs = (shape, make_inputs(shape, self.device))
+        return self._inputs[1]
+
+    def expected_loss(self, shape: Shape, computes: str) -> float:
+        """Our loss of kind `computes` on this shape's inputs: every contender's value must equal it."""
+        key = (shape, computes)
+        if key not in self._expected:
+            with torch.no_grad():
+                self._expected[key] = float(OUR_LOSSES[computes](*self.inputs(shape)))
+        return self._expected[key]
+
+    def cpu_memory(self, shape: Shape, selected_shapes) -> dict:
+        """Peak extra bytes of every contender that runs on a CPU at `shape`.
+
+        The first call probes every selected shape in one subprocess (its compilation is shared).
+        """
+        if shape not in self._cpu_memory:
+            names = []
+            for c in CONTENDERS:
+                try:
+                    c.build(self.device)
+                    names.append(c.name)
+                except Unavailable:
+                    pass
+            shapes = list(dict.fromkeys([shape, *selected_shapes]))
+            probed = cpu_peak_extra_bytes(shapes, names)
+            self._cpu_memory.update({s: probed[s.label] for s in shapes})
+        return self._cpu_memory[shape]
+
+    def copy_bandwidth(self) -> float:
+        if self._copy_bandwidth is None:
+            self._copy_bandwidth = cuda_copy_bandwidth(self.device)
+        return self._copy_bandwidth
+
+    def over_budget(self) -> bool:
+        return self.time_budget is not None and time.monotonic() - self.started > self.time_budget
+
+    def record(self, shape: Shape, contender: Contender, **figures):
+        entry = {"contender": contender.name, "rows": shape.rows, "vocab": shape.vocab, "dtype": shape.dtype_name,
+                 "status": "measured", "reason": None, "rounds": None, "forward_s": None, "backward_s": None,
+                 "fwd_bwd_s": None, "peak_extra_bytes": None, "memory_note": None, "grad_bytes": None,
+                 "memory_ratio": None, "minimal_bytes": None, "bandwidth_bytes_per_s": None,
+                 "copy_bandwidth_fraction": None, "loss_value": None, "expected_loss_value": None}
+        entry.update(figures)
+        self.records.append(entry)
+
+    def skip(self, shape: Shape, contender: Contender, reason: str):
+        self.record(shape, contender, status="skipped", reason=reason)
+        pytest.skip(f"{contender.name} at {shape.label}: {reason}")
+
+
+_SESSION = pytest.StashKey[BenchSession]()
+
+
+def pytest_configure(config):
+    device = _device(config)
+    rounds = config.getoption("--akl-rounds") or DEFAULT_ROUNDS[device.type]
+    config.stash[_SESSION] = BenchSession(device, rounds, config.getoption("--akl-time-budget"))
+
+
+@pytest.fixture(scope="session")
+def bench(pytestconfig) -> BenchSession:
+    return pytestconfig.stash[_SESSION]
+
+
+def _environment(session: BenchSession) -> dict:
+    if session.device.type == "cuda":
+        name = torch.cuda.get_device_name(session.device)
+    else:
+        name = f"{_cpu_model()}, {torch.get_num_threads()} threads"
+    versions = {}
+    for package in ("triton", "liger_kernel"):
+        try:
+            versions[package] = metadata.version(package.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "device": name,
+        "device_type": session.device.type,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "pytest " + " ".join(sys.argv[1:]),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        **versions,
+        "rounds": session.rounds,
+        "slow_call_s": SLOW_CALL_S,
+        "slow_rounds": SLOW_ROUNDS,
+        "copy_bandwidth_bytes_per_s": session._copy_bandwidth,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    bench = session.config.stash.get(_SESSION, None)
+    if bench is None or not bench.records:
+        return
+    path = session.config.getoption("--akl-results") or RESULTS_DIR / f"{bench.device.type}.json"
+    results.write(path, _environment(bench), bench.records)
+    session.config.stash[_REPORT] = path
+
+
+_REPORT = pytest.StashKey[Path]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config):
+    path = config.stash.get(_REPORT, None)
+    if path is None:
+        return
+    terminalreporter.section("akl-kernels benchmark results")
+    terminalreporter.write_line(f"results: {path} (rendered: {path.with_suffix('.md')}, {path.with_suffix('.png')})")
+    terminalreporter.write(path.with_suffix(".md").read_text())

@@ -1,0 +1,86 @@
+"""The losses the benchmarks time, each as `fn(student_logits, teacher_logits) -> scalar loss`.
+
+Ours (`akl_loss`, `fkl_loss`, `rkl_loss`, backend "auto": Triton on a GPU, the torch backend
+on a CPU), the sort-based reference in eager mode and under `torch.compile`, and, where
+`liger_kernel` is importable and a GPU is present, Liger-Kernel's JSD at beta 0 and 1 (its
+forward and reverse KL) and its KL-divergence loss. Peers get log-softmaxed inputs, as they
+require; the log-softmax is part of their time, since a user holding logits must pay it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from akl_kernels import akl_loss, fkl_loss, rkl_loss
+from reference import reference_loss
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Unavailable(Exception):
+    """A contender cannot run here; the message says why (it becomes the skip reason)."""
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    computes: str  # "akl", "fkl" or "rkl": which of our losses its value must equal
+    build: Callable[[torch.device], LossFn]  # raises Unavailable
+    ours: bool = False  # our own failures fail the benchmark; a peer's become skips
+    stateless: bool = False  # nothing compiled, cached or tuned on a first call
+
+
+def _reference_akl(student, teacher):
+    return reference_loss(student, teacher)[0]
+
+
+def _ours(loss_fn) -> Callable[[torch.device], LossFn]:
+    return lambda device: lambda student, teacher: loss_fn(student, teacher)
+
+
+def _reference_compiled(device: torch.device) -> LossFn:
+    if device.type == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
+        raise Unavailable("torch.compile on a CPU needs a C++ compiler, and none is on PATH")
+    # dynamic=True: one graph for every row count and vocabulary size instead of one per shape
+    return torch.compile(_reference_akl, dynamic=True)
+
+
+def _liger(kind: str) -> Callable[[torch.device], LossFn]:
+    def build(device: torch.device) -> LossFn:
+        if device.type != "cuda":
+            raise Unavailable("Liger-Kernel's kernels run on a GPU only")
+        try:
+            from liger_kernel.transformers.functional import liger_jsd, liger_kl_div
+        except ImportError as error:
+            raise Unavailable(f"liger_kernel is not importable ({error})") from None
+
+        def loss(student, teacher):
+            log_q, log_p = torch.log_softmax(student, dim=-1), torch.log_softmax(teacher, dim=-1)
+            if kind == "jsd-beta0":  # beta = 0: KL(p || q), mean over rows
+                return liger_jsd(log_q, log_p, beta=0.0)
+            if kind == "jsd-beta1":  # beta = 1: KL(q || p), mean over rows
+                return liger_jsd(log_q, log_p, beta=1.0)
+            # sum_j p_j (log p_j - log q_j), divided by the number of rows
+            return liger_kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+        return loss
+
+    return build
+
+
+CONTENDERS = [
+    Contender("akl_loss", "akl", _ours(akl_loss), ours=True),
+    Contender("fkl_loss", "fkl", _ours(fkl_loss), ours=True),
+    Contender("rkl_loss", "rkl", _ours(rkl_loss), ours=True),
+    Contender("reference (eager)", "akl", lambda device: _reference_akl, stateless=True),
+    Contender("reference (torch.compile)", "akl", _reference_compiled),
+    Contender("liger JSD beta=0 (FKL)", "fkl", _liger("jsd-beta0")),
+    Contender("liger JSD beta=1 (RKL)", "rkl", _liger("jsd-beta1")),
+    Contender("liger KLDiv (FKL)", "fkl", _liger("kldiv")),
+]
+BY_NAME = {c.name: c for c in CONTENDERS}
+OUR_LOSSES = {"akl": akl_loss, "fkl": fkl_loss, "rkl": rkl_loss}

@@ -1,0 +1,150 @@
+"""How the benchmarks measure: time per phase, peak extra memory, copy bandwidth.
+
+Memory is the peak that one forward + backward adds on top of its inputs, gradient included,
+reported against the gradient's size (SPEC section 5). On a GPU it is read from the caching
+allocator (`max_memory_allocated` after a reset). On a CPU there is no allocator statistic, so a
+fresh subprocess (`python -m benchmarks.measure SHAPES CONTENDER...`) runs each contender once and
+reads the peak resident size: glibc serves allocations below 32 MiB from its heap, where freed
+pages stay resident and are reused unseen, so the subprocess maps every allocation of 64 KiB or
+more on its own (MALLOC_MMAP_THRESHOLD_) and unmaps it when freed, which makes the resident size
+track the live tensors; the peak (VmHWM) is reset before each contender via /proc/self/clear_refs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from benchmarks.contenders import BY_NAME, LossFn
+from benchmarks.workloads import Shape, make_inputs
+
+# A contender whose warm-up call takes longer than SLOW_CALL_S seconds is timed over at most
+# SLOW_ROUNDS rounds (the eager reference at the largest GPU shapes), to bound the run's length.
+SLOW_CALL_S, SLOW_ROUNDS = 1.0, 3
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_backward(fn: LossFn, student, teacher, device, phase_times=None):
+    """One forward + backward on a fresh leaf; appends (forward_s, backward_s) to phase_times."""
+    leaf = student.detach().requires_grad_(True)
+    start = time.perf_counter()
+    loss = fn(leaf, teacher)
+    synchronize(device)
+    middle = time.perf_counter()
+    loss.backward()
+    synchronize(device)
+    if phase_times is not None:
+        phase_times.append((middle - start, time.perf_counter() - middle))
+    return loss.detach(), leaf.grad
+
+
+def phase_medians(phase_times):
+    forward = statistics.median(f for f, _ in phase_times)
+    backward = statistics.median(b for _, b in phase_times)
+    total = statistics.median(f + b for f, b in phase_times)
+    return forward, backward, total
+
+
+def cuda_peak_extra_bytes(fn: LossFn, student, teacher, device) -> int:
+    """Peak bytes one forward + backward adds to what was allocated before it (gradient included)."""
+    gc.collect()
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    forward_backward(fn, student, teacher, device)
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def cuda_copy_bandwidth(device, nbytes=2 << 30, repeats=20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (each copy reads and writes nbytes): median of repeats."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times)
+
+
+def cpu_peak_extra_bytes(shapes: list[Shape], names: list[str]) -> dict[str, dict[str, dict]]:
+    """Run the CPU memory probe for several shapes and contenders in one fresh subprocess.
+
+    Returns {shape.label: {name: {"extra_bytes": int} or {"error": str}}}.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    command = [sys.executable, "-m", "benchmarks.measure", ",".join(s.label for s in shapes), *names]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=_repo_root())
+    if out.returncode != 0:
+        reason = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {s.label: {name: {"error": f"memory probe failed: {reason}"} for name in names} for s in shapes}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _repo_root():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _probe(shape: Shape, names: list[str]) -> dict[str, dict]:
+    device = torch.device("cpu")
+    student, teacher = make_inputs(shape, device)
+    gc.collect()
+    results = {}
+    for name in names:
+        try:
+            fn = BY_NAME[name].build(device)
+            # first call on a few rows of the same vocabulary: lazy imports and compilation
+            # happen here, not inside the measured call (compiled contenders are dynamic in N)
+            forward_backward(fn, student[:8], teacher[:8], device)
+        except Exception as error:  # reported as the contender's memory figure, not hidden
+            results[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+            continue
+        gc.collect()
+        before = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident size (VmHWM) to the current resident size
+        loss, grad = forward_backward(fn, student, teacher, device)
+        results[name] = {"extra_bytes": (_status_kib("VmHWM") - before) * 1024}
+        del loss, grad, fn
+        gc.collect()
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description="CPU memory probe (run by the benchmarks in a subprocess)")
+    parser.add_argument("shapes", help="comma-separated Shape labels, e.g. float32-256x32000")
+    parser.add_argument("contenders", nargs="+")
+    args = parser.parse_args()
+    print(json.dumps({label: _probe(Shape.from_label(label), args.contenders) for label in args.shapes.split(",")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Benchmark results: the machine-readable file, and its rendering as a markdown table and a plot.
+
+    python -m benchmarks.results benchmarks/results/cpu.json   # writes cpu.md and cpu.png beside it
+
+The file holds one "environment" object (device, versions, date, command, copy bandwidth) and
+one record per (contender, shape): times per phase, peak extra memory, bandwidth, the loss
+value, or the reason the contender was skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.workloads import SPEC_CPU_TARGET
+
+OURS = "akl_loss"
+MIB = 2**20
+SPEC_GPU_BANDWIDTH_FRACTION = 0.7
+SPEC_GPU_MIN_ELEMENTS = 2**30
+
+
+def add_ratios(records):
+    """Every measured record's forward+backward time over akl_loss's at the same shape."""
+    ours = {_shape_key(r): r["fwd_bwd_s"] for r in records if r["contender"] == OURS and r["status"] == "measured"}
+    for r in records:
+        base = ours.get(_shape_key(r))
+        r["time_ratio_to_akl_loss"] = r["fwd_bwd_s"] / base if r["status"] == "measured" and base else None
+
+
+def write(path: Path, environment: dict, records: list[dict]) -> None:
+    add_ratios(records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment, "results": records}, indent=1) + "\n")
+    render(path)
+
+
+def render(path: Path) -> tuple[Path, Path]:
+    data = json.loads(path.read_text())
+    markdown = path.with_suffix(".md")
+    markdown.write_text(markdown_report(data, plot_name=path.with_suffix(".png").name))
+    plot = path.with_suffix(".png")
+    _plot(data, plot)
+    return markdown, plot
+
+
+def _shape_key(r):
+    return r["dtype"], r["rows"], r["vocab"]
+
+
+def _fmt(value, scale=1.0, digits=1, unit=""):
+    return "" if value is None else f"{value * scale:.{digits}f}{unit}"
+
+
+def markdown_report(data, plot_name=None) -> str:
+    env, records = data["environment"], data["results"]
+    gpu = env["device_type"] == "cuda"
+    lines = [
+        f"# Benchmark results: {env['device']}",
+        "",
+        f"{env['date']}; torch {env['torch']}, triton {env['triton']}, liger_kernel {env['liger_kernel'] or 'not installed'}; "
+        f"command: `{env['command']}`.",
+        "",
+        _method(env),
+        "",
+    ]
+    header = ["shape (dtype, N x V)", "contender", "forward ms", "backward ms", "fwd+bwd ms", "x akl_loss",
+              "peak extra MiB", "/ gradient"]
+    if gpu:
+        header += ["GB/s", "of copy"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    skipped = []
+    for r in records:
+        if r["status"] != "measured":
+            skipped.append(r)
+            continue
+        row = [f"{r['dtype']} {r['rows']} x {r['vocab']}", r["contender"], _fmt(r["forward_s"], 1e3),
+               _fmt(r["backward_s"], 1e3), _fmt(r["fwd_bwd_s"], 1e3), _fmt(r["time_ratio_to_akl_loss"], digits=2),
+               _fmt(r["peak_extra_bytes"], 1 / MIB, 0) if r["peak_extra_bytes"] is not None else r["memory_note"] or "",
+               _fmt(r["memory_ratio"], digits=2)]
+        if gpu:
+            row += [_fmt(r["bandwidth_bytes_per_s"], 1e-9, 0), _fmt(r["copy_bandwidth_fraction"], 100, 0, "%")]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", *spec_summary(data)]
+    if skipped:
+        lines += ["", "Skipped (contender, shape: reason):", ""]
+        lines += [f"- {r['contender']}, {r['dtype']} {r['rows']} x {r['vocab']}: {r['reason']}" for r in skipped]
+    if plot_name:
+        lines += ["", f"![time and memory against vocabulary size]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _method(env) -> str:
+    """One paragraph saying how the figures were taken."""
+    gpu = env["device_type"] == "cuda"
+    parts = ["Forward and backward of each loss on the same inputs (language-model-like logits, teacher and student "
+             f"drawn independently), median of {env['rounds']} rounds"]
+    if gpu:
+        parts.append(f"after a full-size warm-up call ({env['slow_rounds']} rounds when that call took over "
+                     f"{env['slow_call_s']:g} s).")
+    else:
+        parts.append("after a warm-up call on 8 rows (none for the eager reference, which has nothing to compile or "
+                     "initialise).")
+    parts.append("`x akl_loss`: forward+backward time over akl_loss's (above 1: slower than ours). Memory: the peak "
+                 "that one forward+backward adds to its inputs, gradient included, and that peak over the gradient's "
+                 "size.")
+    if gpu:
+        parts.append("Bandwidth: minimal bytes (read student and teacher once, write the gradient once) over the "
+                     "forward+backward time, and its fraction of a device-to-device copy measured in the same run "
+                     f"({env['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s).")
+    return " ".join(parts)
+
+
+def spec_summary(data) -> list[str]:
+    """SPEC section 5's targets, met or not, in plain numbers."""
+    env, records = data["environment"], data["results"]
+    measured = {(r["contender"], *_shape_key(r)): r for r in records if r["status"] == "measured"}
+    if env["device_type"] != "cuda":
+        t = SPEC_CPU_TARGET
+        key = (t["dtype"], t["rows"], t["vocab"])
+        ours, ref = measured.get((OURS, *key)), measured.get(("reference (eager)", *key))
+        if not (ours and ref):
+            return [f"SPEC section 5 CPU target ({t['dtype']}, N={t['rows']}, V={t['vocab']}): not measured in this run."]
+        speedup = ref["fwd_bwd_s"] / ours["fwd_bwd_s"]
+        memory = ours["memory_ratio"]
+        return [
+            f"SPEC section 5 CPU target ({t['dtype']}, N={t['rows']}, V={t['vocab']}, forward+backward): "
+            f"akl_loss is **{speedup:.1f}x** faster than the eager reference (target at least {t['speedup']:.0f}x: "
+            f"{'met' if speedup >= t['speedup'] else 'NOT met'}); its peak extra memory is "
+            f"**{_fmt(memory, digits=2)}x** the gradient (target at most {t['memory_ratio']}x: "
+            f"{'met' if memory is not None and memory <= t['memory_ratio'] else 'NOT met'})."
+        ]
+    lines = [f"SPEC section 5 GPU targets (N x V >= 2^30, forward+backward): at least "
+             f"{SPEC_GPU_BANDWIDTH_FRACTION:.0%} of copy bandwidth, faster than the best peer and than torch.compile "
+             "of the reference.", ""]
+    for (name, dtype, rows, vocab), r in measured.items():
+        if name != OURS or rows * vocab < SPEC_GPU_MIN_ELEMENTS:
+            continue
+        peers = [p for (n, *k), p in measured.items() if n not in ("akl_loss", "fkl_loss", "rkl_loss",
+                 "reference (eager)") and tuple(k) == (dtype, rows, vocab)]
+        best = min(peers, key=lambda p: p["fwd_bwd_s"], default=None)
+        fraction = r["copy_bandwidth_fraction"]
+        lines.append(
+            f"- {dtype} {rows} x {vocab}: {fraction:.0%} of copy bandwidth "
+            f"({'met' if fraction >= SPEC_GPU_BANDWIDTH_FRACTION else 'NOT met'}); "
+            + (f"fastest peer {best['contender']} takes {best['time_ratio_to_akl_loss']:.2f}x our time "
+               f"({'met' if best['time_ratio_to_akl_loss'] > 1 else 'NOT met'})" if best else "no peer measured")
+        )
+    return lines
+
+
+def _plot(data, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in data["results"] if r["status"] == "measured"]
+    panels = sorted({(r["dtype"], r["rows"]) for r in records})
+    fig, axes = plt.subplots(len(panels) or 1, 2, figsize=(11, 3.2 * max(1, len(panels))), squeeze=False)
+    for (dtype, rows), (time_ax, memory_ax) in zip(panels, axes):
+        series = defaultdict(list)
+        for r in records:
+            if (r["dtype"], r["rows"]) == (dtype, rows):
+                series[r["contender"]].append(r)
+        for name, rs in series.items():
+            rs.sort(key=lambda r: r["vocab"])
+            style = dict(marker="o", linewidth=2.5 if name == OURS else 1.2, label=name)
+            time_ax.plot([r["vocab"] for r in rs], [r["fwd_bwd_s"] * 1e3 for r in rs], **style)
+            mem = [(r["vocab"], r["peak_extra_bytes"] / MIB) for r in rs if r["peak_extra_bytes"] is not None]
+            if mem:
+                memory_ax.plot(*zip(*mem), **style)
+        time_ax.set(title=f"{dtype}, N={rows}: forward+backward", xlabel="vocabulary size", ylabel="ms", yscale="log")
+        memory_ax.set(title=f"{dtype}, N={rows}: peak extra memory", xlabel="vocabulary size", ylabel="MiB",
+                      yscale="log")
+        for ax in (time_ax, memory_ax):
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{data['environment']['device']} ({data['environment']['date']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Render a benchmark results file as markdown and PNG")
+    parser.add_argument("results", type=Path, nargs="+")
+    for path in parser.parse_args().results:
+        print(*render(path))
+
+
+if __name__ == "__main__":
+    main()

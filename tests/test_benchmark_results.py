@@ -1,0 +1,76 @@
+"""The benchmark results file, its ratios and its rendering (benchmarks/results.py)."""
+
+import json
+
+from benchmarks import results
+
+
+def record(contender, rows, vocab, dtype, fwd_bwd_s, **figures):
+    base = {"contender": contender, "rows": rows, "vocab": vocab, "dtype": dtype, "status": "measured",
+            "reason": None, "rounds": 3, "forward_s": fwd_bwd_s * 0.9, "backward_s": fwd_bwd_s * 0.1,
+            "fwd_bwd_s": fwd_bwd_s, "peak_extra_bytes": None, "memory_note": None, "grad_bytes": 4 * rows * vocab,
+            "memory_ratio": None, "minimal_bytes": None, "bandwidth_bytes_per_s": None,
+            "copy_bandwidth_fraction": None, "loss_value": 1.0, "expected_loss_value": 1.0}
+    base.update(figures)
+    return base
+
+
+def environment(device_type, copy_bandwidth=None):
+    return {"device": "test device", "device_type": device_type, "date": "2026-12-01 00:00 UTC",
+            "command": "pytest benchmarks/ --benchmark-only", "python": "3.11", "torch": "2.13.0",
+            "triton": "3.9.0", "liger_kernel": None, "rounds": 3, "slow_call_s": 1.0, "slow_rounds": 3,
+            "copy_bandwidth_bytes_per_s": copy_bandwidth}
+
+
+def test_cpu_results_give_ratios_and_the_spec_verdicts(tmp_path):
+    grad = 4 * 1024 * 32000
+    records = [
+        record("akl_loss", 1024, 32000, "float32", 0.5, peak_extra_bytes=1.2 * grad, memory_ratio=1.2),
+        record("reference (eager)", 1024, 32000, "float32", 4.5, peak_extra_bytes=18 * grad, memory_ratio=18.0),
+        record("akl_loss", 256, 32000, "float32", 0.2, peak_extra_bytes=None, memory_note="probe failed"),
+        {**record("liger KLDiv (FKL)", 256, 32000, "float32", 0.0), "status": "skipped", "reason": "GPU only"},
+    ]
+    path = tmp_path / "cpu.json"
+    results.write(path, environment("cpu"), records)
+
+    data = json.loads(path.read_text())
+    ratios = {(r["contender"], r["rows"]): r["time_ratio_to_akl_loss"] for r in data["results"]}
+    assert ratios == {("akl_loss", 1024): 1.0, ("reference (eager)", 1024): 9.0, ("akl_loss", 256): 1.0,
+                      ("liger KLDiv (FKL)", 256): None}
+    markdown = path.with_suffix(".md").read_text()
+    assert "**9.0x** faster than the eager reference (target at least 8x: met)" in markdown
+    assert "**1.20x** the gradient (target at most 1.25x: met)" in markdown
+    assert "| float32 256 x 32000 | akl_loss | 180.0 | 20.0 | 200.0 | 1.00 | probe failed |  |" in markdown
+    assert "- liger KLDiv (FKL), float32 256 x 32000: GPU only" in markdown
+    assert path.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_cpu_target_not_met_is_said_so(tmp_path):
+    records = [record("akl_loss", 1024, 32000, "float32", 1.0, memory_ratio=1.5, peak_extra_bytes=1),
+               record("reference (eager)", 1024, 32000, "float32", 7.0)]
+    text = results.markdown_report({"environment": environment("cpu"), "results": _with_ratios(records)})
+    assert "**7.0x** faster than the eager reference (target at least 8x: NOT met)" in text
+    assert "**1.50x** the gradient (target at most 1.25x: NOT met)" in text
+
+
+def test_gpu_summary_checks_bandwidth_and_the_best_peer():
+    n, v = 16384, 128256  # above 2^30 elements
+    copy = 4e12
+    records = [
+        record("akl_loss", n, v, "bfloat16", 0.010, copy_bandwidth_fraction=0.75, bandwidth_bytes_per_s=3e12),
+        record("fkl_loss", n, v, "bfloat16", 0.008, copy_bandwidth_fraction=0.9, bandwidth_bytes_per_s=3.6e12),
+        record("reference (eager)", n, v, "bfloat16", 0.005),  # not a peer: faster, yet not counted
+        record("reference (torch.compile)", n, v, "bfloat16", 0.030),
+        record("liger JSD beta=0 (FKL)", n, v, "bfloat16", 0.012),
+        record("akl_loss", 4096, 32000, "bfloat16", 0.001, copy_bandwidth_fraction=0.2, bandwidth_bytes_per_s=1e12),
+    ]
+    text = results.markdown_report({"environment": environment("cuda", copy), "results": _with_ratios(records)})
+    assert "- bfloat16 16384 x 128256: 75% of copy bandwidth (met); fastest peer liger JSD beta=0 (FKL) " \
+           "takes 1.20x our time (met)" in text
+    assert "4096 x 32000: 20%" not in text  # below 2^30 elements: not a SPEC shape
+    assert "(4000 GB/s)" in text
+
+
+def _with_ratios(records):
+    results.add_ratios(records)
+    return records
