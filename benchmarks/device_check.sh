@@ -3,7 +3,8 @@
 # with nothing fetched from the network. Run from anywhere; logs and results go to $OUT
 # (default benchmarks/results/device/), and a short table is printed last.
 #
-#   1. the test suite on CUDA tensors: the Triton kernels compiled for real, not interpreted;
+#   1. the test suite on CUDA tensors: the Triton kernels compiled for real, not interpreted
+#      (train_example.py's end-to-end tests are left to CI, to stay within the time);
 #   2. akl_loss on 16800 x 128256 > 2^31 bf16 logits against the reference on sampled rows;
 #   3. the GPU benchmark matrix (copy bandwidth, every contender, time and memory), written to
 #      $OUT/cuda.json and rendered to $OUT/cuda.md and $OUT/cuda.png.
@@ -30,7 +31,8 @@ fi
   python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"; } | tee "$OUT/environment.txt"
 
 start=$SECONDS
-timeout 170 env AKL_TEST_DEVICE=cuda python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+timeout 170 env AKL_TEST_DEVICE=cuda python3 -m pytest tests -q -p no:cacheprovider \
+    --ignore tests/test_train_example.py 2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 tests_s=$((SECONDS - start))
 

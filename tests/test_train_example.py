@@ -1,0 +1,109 @@
+"""train_example.py: the --quick run end to end, two-rank DDP, and the data path's checks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_example
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """Tokenizer and teacher shared by the runs of this module (the first run trains them)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def run(*args, cwd=ROOT):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # CPU runs use the torch backend
+    out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_quick_run_distils_and_writes_every_figure(tmp_path, cache):
+    out = tmp_path / "out"
+    run("train_example.py", "--quick", "--device", "cpu", "--out", str(out), "--cache", str(cache))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["teacher_parameters"] >= 4 * metrics["student_parameters"]
+    akl = metrics["runs"]["akl"]
+    for evaluation in (akl["initial"], akl["final"]):
+        assert set(evaluation) == {"val_perplexity", "val_kd_loss", "val_fkl", "val_rkl", "rouge_l"}
+        assert 0.0 <= evaluation["rouge_l"] <= 1.0 and evaluation["val_perplexity"] > 1.0
+    assert set(metrics["teacher"]) == {"val_perplexity", "rouge_l"}
+    # distillation moved the student towards the teacher on held-out data
+    assert akl["final"]["val_kd_loss"] < akl["initial"]["val_kd_loss"]
+    log = akl["train_log"]
+    assert len(log) >= 2 and {"head_weight", "tail_weight", "head_gap", "tail_gap", "head_size", "tokens_per_s"} <= set(log[0])
+    for entry in log:
+        assert entry["head_weight"] + entry["tail_weight"] == pytest.approx(1.0, abs=1e-6)
+        assert entry["head_size"] >= 1.0
+    assert (out / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "student" / "config.json").exists() and (out / "student" / "tokenizer.json").exists()
+
+
+def test_two_ranks_under_torchrun_end_with_identical_students(tmp_path, cache):
+    out = tmp_path / "ddp"
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_example.py", "--quick",
+        "--device", "cpu", "--steps", "4", "--out", str(out), "--cache", str(cache))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    digests = metrics["rank_parameter_digests"]["akl"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_prompt_tokens_get_no_labels():
+    batch = train_example.collate([([5, 6, 7], [8, 9]), ([5], [8, 9, 10, 11])], pad_id=0)
+    assert batch["labels"].tolist() == [[-100, -100, -100, 8, 9], [-100, 8, 9, 10, 11]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    whole = train_example.collate([([5, 6], [8])], pad_id=0, response_only=False)
+    assert whole["labels"].tolist() == [[5, 6, 8]]
+
+
+def test_prompt_format_follows_the_dolly_fields():
+    with_context = train_example.format_prompt({"instruction": "Sum it.", "context": "1 and 2", "response": "3"})
+    assert with_context.endswith("### Instruction:\nSum it.\n\n### Input:\n1 and 2\n\n### Response:\n")
+    without = train_example.format_prompt({"instruction": "Say hi.", "context": " ", "response": "hi"})
+    assert "### Input" not in without and without.endswith("### Instruction:\nSay hi.\n\n### Response:\n")
+
+
+def test_default_corpus_is_real_text_in_the_dolly_schema():
+    records = train_example.pydoc_records()
+    assert len(records) > 1000
+    assert all(set(r) == {"instruction", "context", "response"} for r in records)
+    assert sum(len(r["response"].split()) for r in records) / len(records) > 20
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"instruction": "a", "context": "", "response": "b"}\nnot json\n', r"data.jsonl:2: not valid JSON"),
+        ('{"instruction": "a", "context": ""}\n', r"data.jsonl:1: record lacks 'response'"),
+        ('["a", "b"]\n', r"data.jsonl:1: expected a JSON object, got list"),
+        ('{"instruction": "a", "context": null, "response": "b"}\n', r"data.jsonl:1: expected text in 'context'"),
+        ('{"instruction": "a", "context": "", "response": "b"}\n', r"data.jsonl: 1 records; at least 8"),
+    ],
+)
+def test_bad_data_file_stops_with_file_and_line(tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(SystemExit, match=message):
+        train_example.load_dolly(path)
+
+
+def test_missing_data_file_is_named(tmp_path):
+    with pytest.raises(SystemExit, match=r"--data .*nothere.jsonl: no such file"):
+        train_example.load_dolly(tmp_path / "nothere.jsonl")
+
+
+def test_dolly_records_are_read(tmp_path):
+    path = tmp_path / "dolly.jsonl"
+    lines = [json.dumps({"instruction": f"q{i}", "context": "", "response": f"a{i}", "category": "x"}) for i in range(8)]
+    path.write_text("\n".join(lines) + "\n\n")
+    records = train_example.load_dolly(path)
+    assert records[3] == {"instruction": "q3", "context": "", "response": "a3"}
