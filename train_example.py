@@ -3,6 +3,7 @@
     python train_example.py                        # offline: tokenizer, data, teacher (cached), AKL, evaluation
     python train_example.py --quick                # the same in under 90 s on a CPU (smoke test)
     python train_example.py --compare              # FKL, RKL and AKL from the same student initialisation
+    python train_example.py --compare-mu 0.3,0.5,0.7   # AKL at several mu from the same initialisation
     python train_example.py --data dolly.jsonl     # Dolly records: instruction, context, response
     torchrun --nproc_per_node=2 train_example.py   # DistributedDataParallel (gloo on CPU, nccl on GPU)
 
@@ -19,7 +20,7 @@ where lm_loss is the cross-entropy on response tokens (prompt labels are -100, a
 paper's MiniLLM-style recipe) and kd_loss is akl_loss / fkl_loss / rkl_loss of the student's
 and teacher's logits on the same tokens. Evaluation: validation perplexity, validation KD
 loss (and FKL, RKL), and Rouge-L of greedy generations against held-out responses. Outputs in
---out: metrics.json, loss_curve.png (compare.png with --compare), the student checkpoints.
+--out: metrics.json, loss_curve.png (compare.png when comparing), summary.txt, the student checkpoints.
 """
 
 from __future__ import annotations
@@ -312,15 +313,19 @@ def train_teacher(teacher, examples, preset: Preset, args, ranks: Ranks):
 
 
 def kd_terms(student_logits, teacher_logits, labels, loss_name: str, args):
-    """KD loss on the tokens that have labels (position i predicts token i + 1), and its AKLStats."""
-    kwargs = {"labels": labels[:, 1:], "temperature": args.temperature, "return_stats": True}
+    """KD loss (mean) over the tokens that have labels; position i predicts token i + 1."""
+    kwargs = {"labels": labels[:, 1:], "temperature": args.temperature}
     if loss_name == "akl":
         kwargs["mu"] = args.mu
     return KD_LOSSES[loss_name](student_logits[:, :-1], teacher_logits[:, :-1], **kwargs)
 
 
 def gap_stats(student_logits, teacher_logits, labels, args) -> dict:
-    """Mean head/tail gap, weights and head size at mu over the labelled tokens (no gradient)."""
+    """Mean AKLStats over the labelled tokens: head/tail gaps, weights and head size at mu.
+
+    Taken from akl_loss whatever the run's KD loss, so that FKL, RKL and AKL runs log the same
+    quantities (fkl_loss and rkl_loss split their statistics at 0.5, not at --mu).
+    """
     with torch.no_grad():
         _, stats = akl_loss(student_logits[:, :-1].detach(), teacher_logits[:, :-1], labels=labels[:, 1:], mu=args.mu,
                             temperature=args.temperature, reduction="none", return_stats=True)
@@ -346,7 +351,7 @@ def distil(student, teacher, examples, val_examples, loss_name: str, preset: Pre
         with torch.no_grad():
             teacher_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         out = model(**inputs)
-        kd, stats = kd_terms(out.logits, teacher_logits, inputs["labels"], loss_name, args)
+        kd = kd_terms(out.logits, teacher_logits, inputs["labels"], loss_name, args)
         loss = (1 - args.kd_ratio) * out.loss + args.kd_ratio * kd
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -392,9 +397,9 @@ def evaluate(model, teacher, val_examples, loss_name: str, preset: Preset, args,
         tokens += count
         if teacher is not None:
             t_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            kd_sum += float(kd_terms(logits, t_logits, inputs["labels"], loss_name, args)[0]) * count
-            fkl_sum += float(kd_terms(logits, t_logits, inputs["labels"], "fkl", args)[0]) * count
-            rkl_sum += float(kd_terms(logits, t_logits, inputs["labels"], "rkl", args)[0]) * count
+            kd_sum += float(kd_terms(logits, t_logits, inputs["labels"], loss_name, args)) * count
+            fkl_sum += float(kd_terms(logits, t_logits, inputs["labels"], "fkl", args)) * count
+            rkl_sum += float(kd_terms(logits, t_logits, inputs["labels"], "rkl", args)) * count
     nll, tokens, kd_sum, fkl_sum, rkl_sum = ranks.sum(nll, tokens, kd_sum, fkl_sum, rkl_sum)
     result = {"val_perplexity": math.exp(nll / tokens)}
     if teacher is not None:
@@ -464,10 +469,10 @@ def summary_table(teacher_eval: dict, runs: dict) -> str:
     first = next(iter(runs))
     rows = [("teacher", teacher_eval, None), (f"student init ({first})", runs[first]["initial"], None)]
     rows += [(f"student, {name}", run["final"], run["wall_time_s"]) for name, run in runs.items()]
-    lines = [f"{'model':18s} {'Rouge-L':>8s} {'val ppl':>9s} {'val KD':>8s} {'val FKL':>8s} {'val RKL':>8s} "
+    lines = [f"{'model':24s} {'Rouge-L':>8s} {'val ppl':>9s} {'val KD':>8s} {'val FKL':>8s} {'val RKL':>8s} "
              f"{'train s':>8s}"]
     for label, e, wall in rows:
-        lines.append(f"{label:18s} {e['rouge_l']:8.4f} {e['val_perplexity']:9.2f} {_num(e.get('val_kd_loss'))} "
+        lines.append(f"{label:24s} {e['rouge_l']:8.4f} {e['val_perplexity']:9.2f} {_num(e.get('val_kd_loss'))} "
                      f"{_num(e.get('val_fkl'))} {_num(e.get('val_rkl'))} {_num(wall, 1)}")
     return "\n".join(lines)
 
@@ -507,6 +512,16 @@ def _progress(total: int, description: str, ranks: Ranks):
     return tqdm(total=total, desc=description, disable=not ranks.main, dynamic_ncols=True, mininterval=1.0)
 
 
+def _mu_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"every mu must lie in (0, 1], got {text!r}")
+    return values
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=["gpt2", "llama"], default="gpt2", help="architecture of built models")
@@ -514,7 +529,10 @@ def parse_args(argv=None):
     parser.add_argument("--student", help="local path or hub name of the student's starting point")
     parser.add_argument("--data", type=Path, help="JSONL file with instruction, context, response (Dolly schema)")
     parser.add_argument("--loss", choices=list(KD_LOSSES), default="akl")
-    parser.add_argument("--compare", action="store_true", help="distil under FKL, RKL and AKL from the same init")
+    comparisons = parser.add_mutually_exclusive_group()
+    comparisons.add_argument("--compare", action="store_true", help="distil under FKL, RKL and AKL from the same init")
+    comparisons.add_argument("--compare-mu", type=_mu_list, metavar="MU,MU,...",
+                             help="distil under AKL at each mu from the same init (a mu sweep)")
     parser.add_argument("--kd-ratio", type=float, default=0.5, help="weight of the KD loss; 1 - it weighs LM loss")
     parser.add_argument("--mu", type=float, default=0.5, help="AKL head mass (also the split of logged gaps)")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -599,14 +617,22 @@ def main(argv=None):
                f"{ranks.world} process(es) on {ranks.device}")
     teacher_eval = evaluate(teacher, None, val_examples, args.loss, preset, args, ranks, tokenizer)
 
+    if args.compare:  # (run name, KD loss, mu)
+        specs = [(name, name, args.mu) for name in ("fkl", "rkl", "akl")]
+    elif args.compare_mu:
+        specs = [(f"akl-mu{mu:g}", "akl", mu) for mu in args.compare_mu]
+    else:
+        specs = [(args.loss, args.loss, args.mu)]
     runs, digests = {}, {}
-    for loss_name in ("fkl", "rkl", "akl") if args.compare else (args.loss,):
+    for name, loss_name, mu in specs:
         student = fresh_student()
-        runs[loss_name] = distil(student, teacher, train_examples, val_examples, loss_name, preset, args, ranks,
-                                 tokenizer)
-        digests[loss_name] = ranks.gather(parameter_digest(student))
+        run_args = argparse.Namespace(**{**vars(args), "mu": mu})
+        runs[name] = distil(student, teacher, train_examples, val_examples, loss_name, preset, run_args, ranks,
+                            tokenizer)
+        runs[name]["mu"] = mu
+        digests[name] = ranks.gather(parameter_digest(student))
         if ranks.main:
-            folder = args.out / (f"student-{loss_name}" if args.compare else "student")
+            folder = args.out / (f"student-{name}" if len(specs) > 1 else "student")
             student.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
 
@@ -622,7 +648,7 @@ def main(argv=None):
             "teacher": teacher_eval, "runs": runs, "rank_parameter_digests": digests,
         }
         (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        plot_path = args.out / ("compare.png" if args.compare else "loss_curve.png")
+        plot_path = args.out / ("compare.png" if len(specs) > 1 else "loss_curve.png")
         plot_run(runs, plot_path)
         table = summary_table(teacher_eval, runs)
         (args.out / "summary.txt").write_text(table + "\n")

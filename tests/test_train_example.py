@@ -107,3 +107,12 @@ def test_dolly_records_are_read(tmp_path):
     path.write_text("\n".join(lines) + "\n\n")
     records = train_example.load_dolly(path)
     assert records[3] == {"instruction": "q3", "context": "", "response": "a3"}
+
+
+def test_mu_sweep_option_is_checked():
+    assert train_example.parse_args(["--compare-mu", "0.3, 0.5,0.7"]).compare_mu == [0.3, 0.5, 0.7]
+    for bad in ("0.3,x", "0,0.5", "1.5", ""):
+        with pytest.raises(SystemExit):
+            train_example.parse_args(["--compare-mu", bad])
+    with pytest.raises(SystemExit):
+        train_example.parse_args(["--compare", "--compare-mu", "0.5"])
