@@ -22,7 +22,13 @@ import pytest
 import torch
 
 from benchmarks import results
-from benchmarks.contenders import CONTENDERS, OUR_LOSSES, Contender, Unavailable
+from benchmarks.contenders import (
+    CONTENDERS,
+    OUR_LOSSES,
+    Contender,
+    Unavailable,
+    loss_fn,
+)
 from benchmarks.measure import (
     SLOW_CALL_S,
     SLOW_ROUNDS,
@@ -87,7 +93,7 @@ class BenchSession:
 
         Taken from our contender's record at this shape when it ran first (as it does), else computed.
         """
-        ours = {"akl": "akl_loss", "fkl": "fkl_loss", "rkl": "rkl_loss"}[computes]
+        ours = OUR_LOSSES[computes].__name__
         for r in self.records:
             if (r["contender"], r["rows"], r["vocab"], r["dtype"]) == (ours, shape.rows, shape.vocab, shape.dtype_name):
                 if r["loss_value"] is not None:
@@ -104,7 +110,7 @@ class BenchSession:
             names = []
             for c in CONTENDERS:
                 try:
-                    c.build(self.device)
+                    loss_fn(c, self.device)
                     names.append(c.name)
                 except Unavailable:
                     pass
@@ -122,7 +128,7 @@ class BenchSession:
         return self.time_budget is not None and time.monotonic() - self.started > self.time_budget
 
     def record(self, shape: Shape, contender: Contender, **figures):
-        entry = {"contender": contender.name, "rows": shape.rows, "vocab": shape.vocab, "dtype": shape.dtype_name,
+        entry = {"contender": contender.name, "role": contender.role, "rows": shape.rows, "vocab": shape.vocab, "dtype": shape.dtype_name,
                  "status": "measured", "reason": None, "rounds": None, "forward_s": None, "backward_s": None,
                  "fwd_bwd_s": None, "peak_extra_bytes": None, "memory_note": None, "grad_bytes": None,
                  "memory_ratio": None, "minimal_bytes": None, "bandwidth_bytes_per_s": None,

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks.contenders import BY_NAME, LossFn
+from benchmarks.contenders import BY_NAME, LossFn, loss_fn
 from benchmarks.workloads import Shape, make_inputs
 
 # A contender whose warm-up call takes longer than SLOW_CALL_S seconds is timed over at most
@@ -120,7 +120,7 @@ def _probe(shape: Shape, names: list[str]) -> dict[str, dict]:
     results = {}
     for name in names:
         try:
-            fn = BY_NAME[name].build(device)
+            fn = loss_fn(BY_NAME[name], device)
             # first call on a few rows of the same vocabulary: lazy imports and compilation
             # happen here, not inside the measured call (compiled contenders are dynamic in N)
             forward_backward(fn, student[:8], teacher[:8], device)

@@ -39,9 +39,8 @@ def write(path: Path, environment: dict, records: list[dict]) -> None:
 
 def render(path: Path) -> tuple[Path, Path]:
     data = json.loads(path.read_text())
-    markdown = path.with_suffix(".md")
-    markdown.write_text(markdown_report(data, plot_name=path.with_suffix(".png").name))
-    plot = path.with_suffix(".png")
+    markdown, plot = path.with_suffix(".md"), path.with_suffix(".png")
+    markdown.write_text(markdown_report(data, plot_name=plot.name))
     _plot(data, plot)
     return markdown, plot
 
@@ -138,8 +137,7 @@ def spec_summary(data) -> list[str]:
     for (name, dtype, rows, vocab), r in measured.items():
         if name != OURS or rows * vocab < SPEC_GPU_MIN_ELEMENTS:
             continue
-        peers = [p for (n, *k), p in measured.items() if n not in ("akl_loss", "fkl_loss", "rkl_loss",
-                 "reference (eager)") and tuple(k) == (dtype, rows, vocab)]
+        peers = [p for (_, *k), p in measured.items() if p["role"] == "peer" and tuple(k) == (dtype, rows, vocab)]
         best = min(peers, key=lambda p: p["fwd_bwd_s"], default=None)
         fraction = r["copy_bandwidth_fraction"]
         lines.append(

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from benchmarks.contenders import Unavailable
+from benchmarks.contenders import Unavailable, loss_fn
 from benchmarks.measure import (
     SLOW_CALL_S,
     SLOW_ROUNDS,
@@ -32,7 +32,7 @@ def test_loss(case, benchmark, bench, request):
     if bench.over_budget():
         bench.skip(shape, contender, f"the run's time budget of {bench.time_budget:.0f} s was spent")
     try:
-        fn = contender.build(device)
+        fn = loss_fn(contender, device)
     except Unavailable as reason:
         bench.skip(shape, contender, str(reason))
     student, teacher = bench.inputs(shape)

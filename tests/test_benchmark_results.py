@@ -5,8 +5,11 @@ import json
 from benchmarks import results
 
 
+ROLES = {"akl_loss": "ours", "fkl_loss": "ours", "rkl_loss": "ours", "reference (eager)": "reference"}
+
+
 def record(contender, rows, vocab, dtype, fwd_bwd_s, **figures):
-    base = {"contender": contender, "rows": rows, "vocab": vocab, "dtype": dtype, "status": "measured",
+    base = {"contender": contender, "role": ROLES.get(contender, "peer"), "rows": rows, "vocab": vocab, "dtype": dtype, "status": "measured",
             "reason": None, "rounds": 3, "forward_s": fwd_bwd_s * 0.9, "backward_s": fwd_bwd_s * 0.1,
             "fwd_bwd_s": fwd_bwd_s, "peak_extra_bytes": None, "memory_note": None, "grad_bytes": 4 * rows * vocab,
             "memory_ratio": None, "minimal_bytes": None, "bandwidth_bytes_per_s": None,
