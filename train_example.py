@@ -201,8 +201,8 @@ def data_digest(records) -> str:
 # Tokenizer and encoding.
 
 
-def trained_tokenizer(records, vocab_size: int, folder: Path):
-    """A byte-level BPE tokenizer trained on the records (cached in `folder`)."""
+def save_trained_tokenizer(records, vocab_size: int, folder: Path):
+    """Train a byte-level BPE tokenizer on the records and save it to `folder`, unless it is there."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -217,7 +217,6 @@ def trained_tokenizer(records, vocab_size: int, folder: Path):
         wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
                                           pad_token="<|endoftext|>")
         wrapped.save_pretrained(folder)
-    return load_tokenizer(folder)
 
 
 def load_tokenizer(name_or_path):
@@ -386,7 +385,9 @@ def evaluate(model, teacher, val_examples, loss_name: str, preset: Preset, args,
     """
     model.eval()
     shard = val_examples[ranks.rank :: ranks.world]
-    nll = tokens = kd_sum = fkl_sum = rkl_sum = 0.0
+    kinds = list(dict.fromkeys((loss_name, "fkl", "rkl")))  # the run's KD loss, then FKL and RKL, each once
+    kd_sums = dict.fromkeys(kinds, 0.0)
+    nll = tokens = 0.0
     for i in range(0, len(shard), preset.batch_size):
         inputs = _to(collate(shard[i : i + preset.batch_size], args.pad_id), ranks.device)
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
@@ -397,13 +398,13 @@ def evaluate(model, teacher, val_examples, loss_name: str, preset: Preset, args,
         tokens += count
         if teacher is not None:
             t_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            kd_sum += float(kd_terms(logits, t_logits, inputs["labels"], loss_name, args)) * count
-            fkl_sum += float(kd_terms(logits, t_logits, inputs["labels"], "fkl", args)) * count
-            rkl_sum += float(kd_terms(logits, t_logits, inputs["labels"], "rkl", args)) * count
-    nll, tokens, kd_sum, fkl_sum, rkl_sum = ranks.sum(nll, tokens, kd_sum, fkl_sum, rkl_sum)
+            for kind in kinds:
+                kd_sums[kind] += float(kd_terms(logits, t_logits, inputs["labels"], kind, args)) * count
+    nll, tokens, *kd_totals = ranks.sum(nll, tokens, *kd_sums.values())
     result = {"val_perplexity": math.exp(nll / tokens)}
     if teacher is not None:
-        result.update(val_kd_loss=kd_sum / tokens, val_fkl=fkl_sum / tokens, val_rkl=rkl_sum / tokens)
+        kd_means = {kind: total / tokens for kind, total in zip(kinds, kd_totals)}
+        result.update(val_kd_loss=kd_means[loss_name], val_fkl=kd_means["fkl"], val_rkl=kd_means["rkl"])
     result["rouge_l"] = rouge_l(model, val_examples[: preset.rouge_prompts], preset, ranks, tokenizer)
     return result
 
@@ -581,7 +582,7 @@ def main(argv=None):
     tokenizer_tag = hashlib.sha256(str(tokenizer_source).encode()).hexdigest()[:8] if args.student else "own"
     teacher_source = args.teacher or args.cache / f"teacher-{args.family}-{key}-{tokenizer_tag}-seed{args.seed}"
     if ranks.main and not (args.teacher or args.student):
-        trained_tokenizer(train_records, preset.vocab_size, tokenizer_source)
+        save_trained_tokenizer(train_records, preset.vocab_size, tokenizer_source)
     ranks.barrier()
     tokenizer = load_tokenizer(tokenizer_source)
     args.pad_id = tokenizer.pad_token_id

@@ -97,11 +97,6 @@ def start_logits(vocab: int, init: str, seed: int = 1) -> torch.Tensor:
     return 2.0 * torch.randn(vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def kl_pq(teacher_logits, student_logits) -> float:
-    log_p, log_q = teacher_logits.log_softmax(-1), student_logits.log_softmax(-1)
-    return float((log_p.exp() * (log_p - log_q)).sum())
-
-
 def fit(teacher_logits: torch.Tensor, loss: str, setting: Setting) -> dict:
     """Optimise free logits under one loss; per-step head gap, tail gap and KL(p || q)."""
     z = torch.nn.Parameter(start_logits(teacher_logits.numel(), setting.init))
@@ -153,11 +148,13 @@ def verdicts(traj: dict, setting: Setting) -> dict:
         "tail_gap_at_early": {loss: t["tail_gap"][early] for loss, t in traj.items()},
         "fkl_head_faster": fkl["head_gap"][early] < rkl["head_gap"][early],
         "rkl_tail_faster": rkl["tail_gap"][early] < fkl["tail_gap"][early],
-        "akl_head_between": min(fkl["head_gap"][early], rkl["head_gap"][early]) <= akl["head_gap"][early]
-        <= max(fkl["head_gap"][early], rkl["head_gap"][early]),
-        "akl_tail_between": min(fkl["tail_gap"][early], rkl["tail_gap"][early]) <= akl["tail_gap"][early]
-        <= max(fkl["tail_gap"][early], rkl["tail_gap"][early]),
+        "akl_head_between": _between(akl["head_gap"][early], fkl["head_gap"][early], rkl["head_gap"][early]),
+        "akl_tail_between": _between(akl["tail_gap"][early], fkl["tail_gap"][early], rkl["tail_gap"][early]),
     }
+
+
+def _between(value, a, b) -> bool:
+    return min(a, b) <= value <= max(a, b)
 
 
 def markdown(results: dict) -> str:
