@@ -5,6 +5,7 @@
     python train_example.py --compare              # FKL, RKL and AKL from the same student initialisation
     python train_example.py --compare-mu 0.3,0.5,0.7   # AKL at several mu from the same initialisation
     python train_example.py --data dolly.jsonl     # Dolly records: instruction, context, response
+    python train_example.py --fused-linear         # KD and LM losses from hidden states: no batch logits
     torchrun --nproc_per_node=2 train_example.py   # DistributedDataParallel (gloo on CPU, nccl on GPU)
 
 Nothing is downloaded unless --teacher/--student name a hub model. The default corpus is the
@@ -18,7 +19,10 @@ at least 4x fewer parameters is distilled with
 
 where lm_loss is the cross-entropy on response tokens (prompt labels are -100, as in the
 paper's MiniLLM-style recipe) and kd_loss is akl_loss / fkl_loss / rkl_loss of the student's
-and teacher's logits on the same tokens. Evaluation: validation perplexity, validation KD
+and teacher's logits on the same tokens. With --fused-linear, training steps never build the
+batch's logits: kd_loss is fused_linear_akl_loss (or its FKL / RKL variant) of the student's
+and teacher's final hidden states and lm_head weights, and lm_loss a chunked cross-entropy whose
+chunks are recomputed in backward (evaluation still uses logits). Evaluation: validation perplexity, validation KD
 loss (and FKL, RKL), and Rouge-L of greedy generations against held-out responses. Outputs in
 --out: metrics.json, loss_curve.png (compare.png when comparing), summary.txt, the student checkpoints.
 """
@@ -39,11 +43,22 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
-from akl_kernels import akl_loss, fkl_loss, rkl_loss
+from akl_kernels import (
+    akl_loss,
+    fkl_loss,
+    fused_linear_akl_loss,
+    fused_linear_fkl_loss,
+    fused_linear_rkl_loss,
+    rkl_loss,
+)
+from akl_kernels.fused_linear import default_chunk_rows
 
 KD_LOSSES = {"akl": akl_loss, "fkl": fkl_loss, "rkl": rkl_loss}
+FUSED_KD_LOSSES = {"akl": fused_linear_akl_loss, "fkl": fused_linear_fkl_loss, "rkl": fused_linear_rkl_loss}
 IGNORE = -100
 PROMPT_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -313,21 +328,102 @@ def train_teacher(teacher, examples, preset: Preset, args, ranks: Ranks):
 
 def kd_terms(student_logits, teacher_logits, labels, loss_name: str, args):
     """KD loss (mean) over the tokens that have labels; position i predicts token i + 1."""
-    kwargs = {"labels": labels[:, 1:], "temperature": args.temperature}
+    return KD_LOSSES[loss_name](student_logits[:, :-1], teacher_logits[:, :-1], **_kd_options(labels, loss_name, args))
+
+
+def fused_kd_terms(student_hidden, student_head, teacher_hidden, teacher_head, labels, loss_name: str, args,
+                   **options):
+    """kd_terms from final hidden states (batch, tokens, H) and the models' lm_heads, without logits."""
+    return FUSED_KD_LOSSES[loss_name](
+        student_hidden[:, :-1], student_head.weight, teacher_hidden[:, :-1], teacher_head.weight,
+        student_head.bias, teacher_head.bias, **_kd_options(labels, loss_name, args), **options,
+    )
+
+
+def _kd_options(labels, loss_name: str, args) -> dict:
+    options = {"labels": labels[:, 1:], "temperature": args.temperature}
     if loss_name == "akl":
-        kwargs["mu"] = args.mu
-    return KD_LOSSES[loss_name](student_logits[:, :-1], teacher_logits[:, :-1], **kwargs)
+        options["mu"] = args.mu
+    return options
 
 
-def gap_stats(student_logits, teacher_logits, labels, args) -> dict:
+def chunked_lm_loss(hidden, lm_head, labels):
+    """The causal LM's loss (mean cross-entropy of position i against token i + 1 over labelled
+    tokens) from its final hidden states, a chunk of tokens at a time.
+
+    Each chunk's logits are recomputed in backward (torch.utils.checkpoint) rather than kept, so
+    the batch's logits never exist at once.
+    """
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    kept = (targets != IGNORE).nonzero().squeeze(1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for chunk in kept.split(default_chunk_rows(lm_head.weight.shape[0], hidden.shape[-1])):
+        total = total + checkpoint(_cross_entropy_sum, rows.index_select(0, chunk), lm_head.weight, lm_head.bias,
+                                   targets.index_select(0, chunk), use_reentrant=False)
+    return total / max(1, kept.numel())
+
+
+def _cross_entropy_sum(hidden, weight, bias, targets):
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+
+
+class FinalHiddenStates(torch.nn.Module):
+    """A causal LM without its lm_head: input ids -> final hidden states (after the last norm).
+
+    With --fused-linear the student's forward runs through this module (wrapped by DDP when
+    distributed); its lm_head weight is used by the losses and still gets its gradient synchronised.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def training_losses(model, student, teacher, inputs, loss_name: str, args, with_stats: bool):
+    """One batch's (loss, lm_loss, kd_loss, head/tail statistics or None).
+
+    `model` runs the student's forward: the student itself (or its DDP wrapper), or with
+    --fused-linear its FinalHiddenStates (or that module's DDP wrapper).
+    """
+    ids = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    labels = inputs["labels"]
+    if args.fused_linear:
+        with torch.no_grad():
+            teacher_hidden = teacher.base_model(**ids).last_hidden_state
+        student_hidden = model(**ids)
+        heads = (student.get_output_embeddings(), teacher.get_output_embeddings())
+        kd = fused_kd_terms(student_hidden, heads[0], teacher_hidden, heads[1], labels, loss_name, args)
+        lm_loss = chunked_lm_loss(student_hidden, heads[0], labels)
+        stats = None
+        if with_stats:
+            with torch.no_grad():
+                _, stats = fused_kd_terms(student_hidden.detach(), heads[0], teacher_hidden, heads[1], labels, "akl",
+                                          args, reduction="none", return_stats=True)
+    else:
+        with torch.no_grad():
+            teacher_logits = teacher(**ids).logits
+        out = model(**inputs)
+        kd = kd_terms(out.logits, teacher_logits, labels, loss_name, args)
+        lm_loss = out.loss
+        stats = None
+        if with_stats:
+            with torch.no_grad():
+                _, stats = akl_loss(out.logits[:, :-1].detach(), teacher_logits[:, :-1], reduction="none",
+                                    return_stats=True, **_kd_options(labels, "akl", args))
+    loss = (1 - args.kd_ratio) * lm_loss + args.kd_ratio * kd
+    return loss, lm_loss, kd, None if stats is None else gap_stats(stats, labels)
+
+
+def gap_stats(stats, labels) -> dict:
     """Mean AKLStats over the labelled tokens: head/tail gaps, weights and head size at mu.
 
-    Taken from akl_loss whatever the run's KD loss, so that FKL, RKL and AKL runs log the same
-    quantities (fkl_loss and rkl_loss split their statistics at 0.5, not at --mu).
+    Taken from the AKL loss whatever the run's KD loss, so that FKL, RKL and AKL runs log the
+    same quantities (the FKL and RKL losses split their statistics at 0.5, not at --mu).
     """
-    with torch.no_grad():
-        _, stats = akl_loss(student_logits[:, :-1].detach(), teacher_logits[:, :-1], labels=labels[:, 1:], mu=args.mu,
-                            temperature=args.temperature, reduction="none", return_stats=True)
     kept = labels[:, 1:] != IGNORE
     count = max(1, int(kept.sum()))
     return {name: float(getattr(stats, name)[kept].double().sum()) / count
@@ -336,7 +432,8 @@ def gap_stats(student_logits, teacher_logits, labels, args) -> dict:
 
 def distil(student, teacher, examples, val_examples, loss_name: str, preset: Preset, args, ranks: Ranks, tokenizer):
     """Train the student; returns the training log, the evaluations before and after, and the wall time."""
-    model = DistributedDataParallel(student) if ranks.world > 1 else student
+    forward = FinalHiddenStates(student) if args.fused_linear else student
+    model = DistributedDataParallel(forward) if ranks.world > 1 else forward
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     initial = evaluate(student, teacher, val_examples, loss_name, preset, args, ranks, tokenizer)
     train_log = []
@@ -347,21 +444,17 @@ def distil(student, teacher, examples, val_examples, loss_name: str, preset: Pre
     for step, batch in enumerate(shards):
         student.train()
         inputs = _to(collate(batch, args.pad_id), ranks.device)
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        out = model(**inputs)
-        kd = kd_terms(out.logits, teacher_logits, inputs["labels"], loss_name, args)
-        loss = (1 - args.kd_ratio) * out.loss + args.kd_ratio * kd
+        logging = step % preset.log_every == 0 or step == preset.steps - 1
+        loss, lm_loss, kd, local = training_losses(model, student, teacher, inputs, loss_name, args, logging)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         _set_lr(optimizer, args.lr, step, preset.steps)
         tokens_seen += int(inputs["attention_mask"].sum())
-        if step % preset.log_every == 0 or step == preset.steps - 1:
-            loss_sum, lm_sum, kd_sum, tokens = ranks.sum(loss.item(), out.loss.item(), kd.item(), tokens_seen)
+        if logging:
+            loss_sum, lm_sum, kd_sum, tokens = ranks.sum(loss.item(), lm_loss.item(), kd.item(), tokens_seen)
             entry = {"step": step, "loss": loss_sum / ranks.world, "lm_loss": lm_sum / ranks.world,
                      "kd_loss": kd_sum / ranks.world, "tokens_per_s": tokens / (time.perf_counter() - start)}
-            local = gap_stats(out.logits, teacher_logits, inputs["labels"], args)
             entry.update(zip(local, (v / ranks.world for v in ranks.sum(*local.values()))))
             train_log.append(entry)
             progress.set_postfix(loss=f"{entry['loss']:.3f}", kd=f"{entry['kd_loss']:.3f}",
@@ -535,6 +628,8 @@ def parse_args(argv=None):
     comparisons.add_argument("--compare-mu", type=_mu_list, metavar="MU,MU,...",
                              help="distil under AKL at each mu from the same init (a mu sweep)")
     parser.add_argument("--kd-ratio", type=float, default=0.5, help="weight of the KD loss; 1 - it weighs LM loss")
+    parser.add_argument("--fused-linear", action="store_true",
+                        help="training losses from hidden states and lm_head weights, never the batch's logits")
     parser.add_argument("--mu", type=float, default=0.5, help="AKL head mass (also the split of logged gaps)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=3e-3, help="student peak learning rate (AdamW)")

@@ -1,7 +1,9 @@
 """What every backend computes: per-row losses, statistics and the gradient, for one loss mode.
 
-A backend is a function ``row_losses(student, teacher, keep, grad_scale, config, compute_grad)``
-returning :class:`RowLosses`. The dispatcher in ``loss.py`` validates inputs, picks a backend and
+A backend is a function ``row_losses(student, teacher, keep, grad_scale, config, compute_grad,
+grad_out=None)`` returning :class:`RowLosses`. ``grad_out``, when given, is where the gradient
+is written (student-shaped, the student's dtype, contiguous); it may be the student tensor
+itself, since each row is read before its gradient is written. The dispatcher in ``loss.py`` validates inputs, picks a backend and
 applies the reduction; backends only do the per-row work of SPEC section 2.
 """
 

@@ -135,7 +135,7 @@ class AKLLoss(torch.nn.Module):
         backend="auto",
     ):
         super().__init__()
-        _check_options(mu, temperature, ignore_index, reduction, backend)
+        check_options(mu, temperature, ignore_index, reduction, backend)
         self.mu = mu
         self.temperature = temperature
         self.ignore_index = ignore_index
@@ -167,8 +167,8 @@ def _distillation_loss(
     mode, student, teacher, mu, temperature, labels, ignore_index, reduction, return_stats, backend
 ):
     _check_tensors(student, teacher, labels)
-    _check_options(mu, temperature, ignore_index, reduction, backend)
-    row_losses = _select_backend(backend, student.device)
+    check_options(mu, temperature, ignore_index, reduction, backend)
+    row_losses = select_backend(backend, student.device)
 
     leading_shape = student.shape[:-1]
     if student.dim() == 1:  # a single row
@@ -258,7 +258,7 @@ def _scale_rows_(grad, row_scale, keep):
         rows.copy_(rows.float().mul_(scale.float()))
 
 
-def _select_backend(backend, device):
+def select_backend(backend, device):
     """The row_losses function for `backend` on `device` (SPEC section 3)."""
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and _triton_available() else "torch"
@@ -289,12 +289,7 @@ def _triton_available():
 
 def _check_tensors(student, teacher, labels):
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{name} must hold float16, bfloat16, float32 or float64 logits, got {x.dtype}"
-            )
+        check_floating(name, x, "logits")
         if x.dim() == 0:
             raise ValueError(f"{name} must have shape (..., V), got a 0-dim tensor")
     if student.shape[-1] != teacher.shape[-1]:
@@ -313,22 +308,37 @@ def _check_tensors(student, teacher, labels):
         raise ValueError(
             f"student_logits is on {student.device} but teacher_logits is on {teacher.device}"
         )
+    check_labels(labels, student.shape[:-1], student.device, "logits")
+
+
+def check_floating(name, x, what):
+    """TypeError unless x is a tensor of one of the supported floating dtypes."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must hold float16, bfloat16, float32 or float64 {what}, got {x.dtype}")
+
+
+def check_labels(labels, leading_shape, device, inputs):
+    """Errors unless labels is None or an integer tensor of `leading_shape` on `device`.
+
+    `inputs` names the tensors whose leading shape that is ("logits", "hidden states").
+    """
     if labels is None:
         return
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.shape != student.shape[:-1]:
+    if labels.shape != leading_shape:
         raise ValueError(
-            f"labels must have the logits' leading shape {tuple(student.shape[:-1])}, "
-            f"got {tuple(labels.shape)}"
+            f"labels must have the {inputs}' leading shape {tuple(leading_shape)}, got {tuple(labels.shape)}"
         )
-    if labels.device != student.device:
-        raise ValueError(f"labels are on {labels.device} but the logits are on {student.device}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but the {inputs} are on {device}")
 
 
-def _check_options(mu, temperature, ignore_index, reduction, backend):
+def check_options(mu, temperature, ignore_index, reduction, backend):
     if not _is_real(mu) or not (0.0 < float(mu) <= 1.0):
         raise ValueError(f"mu must be a number in (0, 1], got {mu!r}")
     if not _is_real(temperature) or not (math.isfinite(float(temperature)) and float(temperature) > 0):

@@ -442,11 +442,13 @@ def triton_row_losses(
     grad_scale: torch.Tensor,
     config: RowLossConfig,
     compute_grad: bool,
+    grad_out: torch.Tensor | None = None,
 ) -> RowLosses:
     """Per-row losses through the fused kernel; arguments as torch_backend.torch_row_losses.
 
     Inputs whose vocabulary dimension is not contiguous are copied; any other strides are read
-    in place through per-row offsets.
+    in place through per-row offsets. grad_out may alias the student: each program reads a
+    block of its row before it writes that block's gradient.
     """
     if student.stride(-1) != 1:
         student = student.contiguous()
@@ -460,7 +462,9 @@ def triton_row_losses(
     loss = torch.empty(n_rows, dtype=dtype, device=device)
     stats = torch.empty(len(STATS_FIELDS), n_rows, dtype=dtype, device=device)
     head_size = torch.empty(n_rows, dtype=torch.int64, device=device)
-    grad = torch.empty(student.shape, dtype=student.dtype, device=device) if compute_grad else None
+    grad = None
+    if compute_grad:
+        grad = torch.empty(student.shape, dtype=student.dtype, device=device) if grad_out is None else grad_out
     if n_rows == 0:
         return RowLosses(loss, stats, head_size, grad)
 

@@ -24,9 +24,10 @@ import torch
 from benchmarks import results
 from benchmarks.contenders import (
     CONTENDERS,
-    OUR_LOSSES,
+    LINEAR_CONTENDERS,
     Contender,
     Unavailable,
+    contenders_for,
     loss_fn,
 )
 from benchmarks.measure import (
@@ -35,7 +36,7 @@ from benchmarks.measure import (
     cpu_peak_extra_bytes,
     cuda_copy_bandwidth,
 )
-from benchmarks.workloads import Shape, make_inputs, shapes_for
+from benchmarks.workloads import LinearShape, Shape, linear_shapes_for, make_inputs, shapes_for
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_ROUNDS = {"cpu": 3, "cuda": 10}
@@ -62,9 +63,11 @@ def _device(config) -> torch.device:
 
 
 def pytest_generate_tests(metafunc):
-    if "case" in metafunc.fixturenames:
-        cases = [(shape, c) for shape in shapes_for(_device(metafunc.config)) for c in CONTENDERS]
-        metafunc.parametrize("case", cases, ids=[f"{s.label}-{c.name}" for s, c in cases])
+    device = _device(metafunc.config)
+    for name, shapes in (("case", shapes_for(device)), ("linear_case", linear_shapes_for(device))):
+        if name in metafunc.fixturenames:
+            cases = [(shape, c) for shape in shapes for c in contenders_for(shape)]
+            metafunc.parametrize(name, cases, ids=[f"{s.label}-{c.name}" for s, c in cases])
 
 
 @dataclass
@@ -80,7 +83,7 @@ class BenchSession:
     _cpu_memory: dict = field(default_factory=dict)
     _copy_bandwidth: float | None = None
 
-    def inputs(self, shape: Shape):
+    def inputs(self, shape: Shape | LinearShape) -> tuple:
         if self._inputs[0] != shape:
             self._inputs = (None, None)  # free the previous shape's tensors before drawing new ones
             if self.device.type == "cuda":
@@ -88,27 +91,26 @@ class BenchSession:
             self._inputs = (shape, make_inputs(shape, self.device))
         return self._inputs[1]
 
-    def expected_loss(self, shape: Shape, computes: str) -> float:
+    def expected_loss(self, shape: Shape | LinearShape, computes: str) -> float:
         """Our loss of kind `computes` on this shape's inputs: a peer's value must equal it.
 
         Taken from our contender's record at this shape when it ran first (as it does), else computed.
         """
-        ours = OUR_LOSSES[computes].__name__
+        ours = next(c for c in contenders_for(shape) if c.ours and c.computes == computes)
         for r in self.records:
-            if (r["contender"], r["rows"], r["vocab"], r["dtype"]) == (ours, shape.rows, shape.vocab, shape.dtype_name):
-                if r["loss_value"] is not None:
-                    return r["loss_value"]
+            if (r["contender"], r["label"]) == (ours.name, shape.label) and r["loss_value"] is not None:
+                return r["loss_value"]
         with torch.no_grad():
-            return float(OUR_LOSSES[computes](*self.inputs(shape)))
+            return float(loss_fn(ours, self.device)(*self.inputs(shape)))
 
-    def cpu_memory(self, shape: Shape, selected_shapes) -> dict:
+    def cpu_memory(self, shape: Shape | LinearShape, selected_shapes) -> dict:
         """Peak extra bytes of every contender that runs on a CPU at `shape`.
 
         The first call probes every selected shape in one subprocess (its compilation is shared).
         """
         if shape not in self._cpu_memory:
             names = []
-            for c in CONTENDERS:
+            for c in CONTENDERS + LINEAR_CONTENDERS:
                 try:
                     loss_fn(c, self.device)
                     names.append(c.name)
@@ -127,8 +129,9 @@ class BenchSession:
     def over_budget(self) -> bool:
         return self.time_budget is not None and time.monotonic() - self.started > self.time_budget
 
-    def record(self, shape: Shape, contender: Contender, **figures):
-        entry = {"contender": contender.name, "role": contender.role, "rows": shape.rows, "vocab": shape.vocab, "dtype": shape.dtype_name,
+    def record(self, shape: Shape | LinearShape, contender: Contender, **figures):
+        entry = {"contender": contender.name, "role": contender.role, "label": shape.label, "rows": shape.rows,
+                 "hidden": shape.hidden, "vocab": shape.vocab, "dtype": shape.dtype_name,
                  "status": "measured", "reason": None, "rounds": None, "forward_s": None, "backward_s": None,
                  "fwd_bwd_s": None, "peak_extra_bytes": None, "memory_note": None, "grad_bytes": None,
                  "memory_ratio": None, "minimal_bytes": None, "bandwidth_bytes_per_s": None,
@@ -136,7 +139,7 @@ class BenchSession:
         entry.update(figures)
         self.records.append(entry)
 
-    def skip(self, shape: Shape, contender: Contender, reason: str):
+    def skip(self, shape: Shape | LinearShape, contender: Contender, reason: str):
         self.record(shape, contender, status="skipped", reason=reason)
         pytest.skip(f"{contender.name} at {shape.label}: {reason}")
 

@@ -1,10 +1,14 @@
-"""The losses the benchmarks time, each as `fn(student_logits, teacher_logits) -> scalar loss`.
+"""The losses the benchmarks time, each as `fn(student_logits, teacher_logits) -> scalar loss`,
+or for the fused-linear workloads `fn(student_hidden, student_weight, teacher_hidden, teacher_weight)`.
 
 Ours (`akl_loss`, `fkl_loss`, `rkl_loss`, backend "auto": Triton on a GPU, the torch backend
 on a CPU), the sort-based reference in eager mode and under `torch.compile`, and, where
 `liger_kernel` is importable and a GPU is present, Liger-Kernel's JSD at beta 0 and 1 (its
 forward and reverse KL) and its KL-divergence loss. Peers get log-softmaxed inputs, as they
 require; the log-softmax is part of their time, since a user holding logits must pay it.
+
+Fused-linear workloads compare fused_linear_akl_loss with what a user writes without it: the
+lm_head's logits materialised by F.linear (in the inputs' dtype), then akl_loss on them.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from akl_kernels import akl_loss, fkl_loss, rkl_loss
+from akl_kernels import akl_loss, fkl_loss, fused_linear_akl_loss, rkl_loss
 from reference import reference_loss
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]
 
 
 class Unavailable(Exception):
@@ -32,7 +37,8 @@ class Contender:
     computes: str  # "akl", "fkl" or "rkl": which of our losses its value must equal
     build: Callable[[torch.device], LossFn]  # raises Unavailable; call loss_fn() instead
     # "ours" (failures fail the benchmark), "reference" (the eager oracle SPEC's CPU target is
-    # measured against) or "peer" (what SPEC's GPU target must beat); all but ours skip on failure
+    # measured against), "peer" (what SPEC's GPU target must beat) or "baseline" (the
+    # materialised logits a fused-linear loss is compared with); all but ours skip on failure
     role: str = "peer"
     stateless: bool = False  # nothing compiled, cached or tuned on a first call
 
@@ -95,5 +101,22 @@ CONTENDERS = [
     Contender("liger JSD beta=1 (RKL)", "rkl", _liger("jsd-beta1")),
     Contender("liger KLDiv (FKL)", "fkl", _liger("kldiv")),
 ]
-BY_NAME = {c.name: c for c in CONTENDERS}
-OUR_LOSSES = {"akl": akl_loss, "fkl": fkl_loss, "rkl": rkl_loss}
+
+
+def _materialised_linear_akl(student_hidden, student_weight, teacher_hidden, teacher_weight):
+    with torch.no_grad():
+        teacher_logits = F.linear(teacher_hidden, teacher_weight)
+    return akl_loss(F.linear(student_hidden, student_weight), teacher_logits)
+
+
+LINEAR_CONTENDERS = [
+    Contender("fused_linear_akl_loss", "akl", lambda device: fused_linear_akl_loss, role="ours", stateless=True),
+    Contender("F.linear + akl_loss", "akl", lambda device: _materialised_linear_akl, role="baseline", stateless=True),
+]
+FUSED_LINEAR, MATERIALISED_LINEAR = (c.name for c in LINEAR_CONTENDERS)
+BY_NAME = {c.name: c for c in CONTENDERS + LINEAR_CONTENDERS}
+
+
+def contenders_for(shape) -> list[Contender]:
+    """The contenders of a workload: LINEAR_CONTENDERS for hidden-state shapes, else CONTENDERS."""
+    return CONTENDERS if shape.hidden is None else LINEAR_CONTENDERS

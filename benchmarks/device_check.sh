@@ -6,8 +6,9 @@
 #   1. the test suite on CUDA tensors: the Triton kernels compiled for real, not interpreted
 #      (train_example.py's end-to-end tests are left to CI, to stay within the time);
 #   2. akl_loss on 16800 x 128256 > 2^31 bf16 logits against the reference on sampled rows;
-#   3. the GPU benchmark matrix (copy bandwidth, every contender, time and memory), written to
-#      $OUT/cuda.json and rendered to $OUT/cuda.md and $OUT/cuda.png.
+#   3. the GPU benchmark matrix (copy bandwidth, every contender, time and memory; first the
+#      fused-linear case, 8192 x 4096 x 128256 bf16 hidden states against materialised logits),
+#      written to $OUT/cuda.json and rendered to $OUT/cuda.md and $OUT/cuda.png.
 #
 # Liger-Kernel is optional: to include it, download its wheel beside the repository first
 # (it is pure Python; its requirements, torch and triton, are already on the GPU machine):

@@ -1,7 +1,7 @@
 """How the benchmarks measure: time per phase, peak extra memory, copy bandwidth.
 
-Memory is the peak that one forward + backward adds on top of its inputs, gradient included,
-reported against the gradient's size (SPEC section 5). On a GPU it is read from the caching
+Memory is the peak that one forward + backward adds on top of its inputs, gradients included,
+reported against the gradients' size (SPEC section 5). On a GPU it is read from the caching
 allocator (`max_memory_allocated` after a reset). On a CPU there is no allocator statistic, so a
 fresh subprocess (`python -m benchmarks.measure SHAPES CONTENDER...`) runs each contender once and
 reads the peak resident size: glibc serves allocations below 32 MiB from its heap, where freed
@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from benchmarks.contenders import BY_NAME, LossFn, loss_fn
-from benchmarks.workloads import Shape, make_inputs
+from benchmarks.contenders import BY_NAME, LossFn, contenders_for, loss_fn
+from benchmarks.workloads import LinearShape, Shape, make_inputs, shape_from_label
 
 # A contender whose warm-up call takes longer than SLOW_CALL_S seconds is timed over at most
 # SLOW_ROUNDS rounds (the eager reference at the largest GPU shapes), to bound the run's length.
@@ -36,18 +36,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward_backward(fn: LossFn, student, teacher, device, phase_times=None):
-    """One forward + backward on a fresh leaf; appends (forward_s, backward_s) to phase_times."""
-    leaf = student.detach().requires_grad_(True)
+def forward_backward(fn: LossFn, inputs: tuple, differentiated: int, device, phase_times=None):
+    """One forward + backward of fn(*inputs), the first `differentiated` inputs as fresh leaves.
+
+    Appends (forward_s, backward_s) to phase_times; returns the loss and the leaves' gradients.
+    """
+    leaves = [x.detach().requires_grad_(True) for x in inputs[:differentiated]]
     start = time.perf_counter()
-    loss = fn(leaf, teacher)
+    loss = fn(*leaves, *inputs[differentiated:])
     synchronize(device)
     middle = time.perf_counter()
     loss.backward()
     synchronize(device)
     if phase_times is not None:
         phase_times.append((middle - start, time.perf_counter() - middle))
-    return loss.detach(), leaf.grad
+    return loss.detach(), [leaf.grad for leaf in leaves]
+
+
+def first_rows(inputs: tuple, differentiated: int, rows: int = 8) -> tuple:
+    """The inputs cut to their first rows (hidden states or logits; weights stay whole)."""
+    if differentiated == 1:
+        return tuple(x[:rows] for x in inputs)
+    student_hidden, student_weight, teacher_hidden, teacher_weight = inputs
+    return student_hidden[:rows], student_weight, teacher_hidden[:rows], teacher_weight
+
+
+def grad_bytes(grads) -> int:
+    return sum(g.numel() * g.element_size() for g in grads)
 
 
 def phase_medians(phase_times):
@@ -57,13 +72,13 @@ def phase_medians(phase_times):
     return forward, backward, total
 
 
-def cuda_peak_extra_bytes(fn: LossFn, student, teacher, device) -> int:
-    """Peak bytes one forward + backward adds to what was allocated before it (gradient included)."""
+def cuda_peak_extra_bytes(fn: LossFn, inputs: tuple, differentiated: int, device) -> int:
+    """Peak bytes one forward + backward adds to what was allocated before it (gradients included)."""
     gc.collect()
     synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    forward_backward(fn, student, teacher, device)
+    forward_backward(fn, inputs, differentiated, device)
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
 
@@ -87,9 +102,10 @@ def cuda_copy_bandwidth(device, nbytes=2 << 30, repeats=20) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def cpu_peak_extra_bytes(shapes: list[Shape], names: list[str]) -> dict[str, dict[str, dict]]:
+def cpu_peak_extra_bytes(shapes: list[Shape | LinearShape], names: list[str]) -> dict[str, dict[str, dict]]:
     """Run the CPU memory probe for several shapes and contenders in one fresh subprocess.
 
+    Each shape is probed with those of `names` that belong to its workload (contenders_for).
     Returns {shape.label: {name: {"extra_bytes": int} or {"error": str}}}.
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
@@ -113,17 +129,19 @@ def _status_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _probe(shape: Shape, names: list[str]) -> dict[str, dict]:
+def _probe(shape: Shape | LinearShape, names: list[str]) -> dict[str, dict]:
     device = torch.device("cpu")
-    student, teacher = make_inputs(shape, device)
+    inputs = make_inputs(shape, device)
     gc.collect()
     results = {}
     for name in names:
+        if BY_NAME[name] not in contenders_for(shape):
+            continue
         try:
             fn = loss_fn(BY_NAME[name], device)
             # first call on a few rows of the same vocabulary: lazy imports and compilation
             # happen here, not inside the measured call (compiled contenders are dynamic in N)
-            forward_backward(fn, student[:8], teacher[:8], device)
+            forward_backward(fn, first_rows(inputs, shape.differentiated), shape.differentiated, device)
         except Exception as error:  # reported as the contender's memory figure, not hidden
             results[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
             continue
@@ -131,19 +149,19 @@ def _probe(shape: Shape, names: list[str]) -> dict[str, dict]:
         before = _status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak resident size (VmHWM) to the current resident size
-        loss, grad = forward_backward(fn, student, teacher, device)
+        loss, grads = forward_backward(fn, inputs, shape.differentiated, device)
         results[name] = {"extra_bytes": (_status_kib("VmHWM") - before) * 1024}
-        del loss, grad, fn
+        del loss, grads, fn
         gc.collect()
     return results
 
 
 def main():
     parser = argparse.ArgumentParser(description="CPU memory probe (run by the benchmarks in a subprocess)")
-    parser.add_argument("shapes", help="comma-separated Shape labels, e.g. float32-256x32000")
+    parser.add_argument("shapes", help="comma-separated shape labels, e.g. float32-256x32000,float32-2048x512x32000")
     parser.add_argument("contenders", nargs="+")
     args = parser.parse_args()
-    print(json.dumps({label: _probe(Shape.from_label(label), args.contenders) for label in args.shapes.split(",")}))
+    print(json.dumps({label: _probe(shape_from_label(label), args.contenders) for label in args.shapes.split(",")}))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 The file holds one "environment" object (device, versions, date, command, copy bandwidth) and
 one record per (contender, shape): times per phase, peak extra memory, bandwidth, the loss
-value, or the reason the contender was skipped.
+value, or the reason the contender was skipped. Records of the fused-linear workloads (those
+with a hidden size) get their own table, with time and memory against materialised logits.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.workloads import SPEC_CPU_TARGET
+from benchmarks.contenders import FUSED_LINEAR, MATERIALISED_LINEAR
+from benchmarks.workloads import FUSED_LINEAR_MEMORY_TARGET, SPEC_CPU_TARGET
 
 OURS = "akl_loss"
 MIB = 2**20
@@ -23,11 +25,25 @@ SPEC_GPU_MIN_ELEMENTS = 2**30
 
 
 def add_ratios(records):
-    """Every measured record's forward+backward time over akl_loss's at the same shape."""
-    ours = {_shape_key(r): r["fwd_bwd_s"] for r in records if r["contender"] == OURS and r["status"] == "measured"}
+    """Every measured logits record's forward+backward time over akl_loss's at the same shape;
+    every fused-linear record's time and peak memory over the materialised logits' ones."""
+    measured = [r for r in records if r["status"] == "measured"]
+    ours = {_shape_key(r): r for r in measured if r["contender"] == OURS}
+    materialised = {_shape_key(r): r for r in measured if r["contender"] == MATERIALISED_LINEAR}
     for r in records:
-        base = ours.get(_shape_key(r))
-        r["time_ratio_to_akl_loss"] = r["fwd_bwd_s"] / base if r["status"] == "measured" and base else None
+        key, is_measured = _shape_key(r), r["status"] == "measured"
+        if r.get("hidden") is None:
+            r["time_ratio_to_akl_loss"] = _ratio(r, ours.get(key), "fwd_bwd_s") if is_measured else None
+            continue
+        base = materialised.get(key) if is_measured else None
+        r["time_ratio_to_materialised"] = _ratio(r, base, "fwd_bwd_s")
+        r["memory_ratio_to_materialised"] = _ratio(r, base, "peak_extra_bytes")
+
+
+def _ratio(record, base, field):
+    if base is None or record[field] is None or not base[field]:
+        return None
+    return record[field] / base[field]
 
 
 def write(path: Path, environment: dict, records: list[dict]) -> None:
@@ -46,7 +62,12 @@ def render(path: Path) -> tuple[Path, Path]:
 
 
 def _shape_key(r):
-    return r["dtype"], r["rows"], r["vocab"]
+    return r["dtype"], r["rows"], r.get("hidden"), r["vocab"]
+
+
+def _shape_text(r):
+    sizes = (r["rows"], r["vocab"]) if r.get("hidden") is None else (r["rows"], r["hidden"], r["vocab"])
+    return f"{r['dtype']} " + " x ".join(str(n) for n in sizes)
 
 
 def _fmt(value, scale=1.0, digits=1, unit=""):
@@ -69,13 +90,12 @@ def markdown_report(data, plot_name=None) -> str:
               "peak extra MiB", "/ gradient"]
     if gpu:
         header += ["GB/s", "of copy"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
-    skipped = []
-    for r in records:
-        if r["status"] != "measured":
-            skipped.append(r)
-            continue
-        row = [f"{r['dtype']} {r['rows']} x {r['vocab']}", r["contender"], _fmt(r["forward_s"], 1e3),
+    logits_records = [r for r in records if r["status"] == "measured" and r.get("hidden") is None]
+    if logits_records:
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    skipped = [r for r in records if r["status"] != "measured"]
+    for r in logits_records:
+        row = [_shape_text(r), r["contender"], _fmt(r["forward_s"], 1e3),
                _fmt(r["backward_s"], 1e3), _fmt(r["fwd_bwd_s"], 1e3), _fmt(r["time_ratio_to_akl_loss"], digits=2),
                _fmt(r["peak_extra_bytes"], 1 / MIB, 0) if r["peak_extra_bytes"] is not None else r["memory_note"] or "",
                _fmt(r["memory_ratio"], digits=2)]
@@ -83,12 +103,48 @@ def markdown_report(data, plot_name=None) -> str:
             row += [_fmt(r["bandwidth_bytes_per_s"], 1e-9, 0), _fmt(r["copy_bandwidth_fraction"], 100, 0, "%")]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", *spec_summary(data)]
+    lines += _fused_linear_report(records)
     if skipped:
         lines += ["", "Skipped (contender, shape: reason):", ""]
-        lines += [f"- {r['contender']}, {r['dtype']} {r['rows']} x {r['vocab']}: {r['reason']}" for r in skipped]
+        lines += [f"- {r['contender']}, {_shape_text(r)}: {r['reason']}" for r in skipped]
     if plot_name:
         lines += ["", f"![time and memory against vocabulary size]({plot_name})"]
     return "\n".join(lines) + "\n"
+
+
+def _fused_linear_report(records) -> list[str]:
+    """The fused-linear table and, per shape, the memory saving against its target."""
+    linear = [r for r in records if r["status"] == "measured" and r.get("hidden") is not None]
+    if not linear:
+        return []
+    lines = ["", "## Fused linear: from hidden states and lm_head weights", "",
+             f"{FUSED_LINEAR} against `F.linear` logits (in the inputs' dtype) followed by akl_loss; gradients for "
+             "the student's hidden states and weight. Peak extra memory includes both gradients.", "",
+             "| shape (dtype, N x H x V) | contender | forward ms | backward ms | fwd+bwd ms | x materialised "
+             "| peak extra MiB | x materialised |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in linear:
+        peak = _fmt(r["peak_extra_bytes"], 1 / MIB, 0) if r["peak_extra_bytes"] is not None else r["memory_note"] or ""
+        lines.append("| " + " | ".join([
+            _shape_text(r), r["contender"], _fmt(r["forward_s"], 1e3), _fmt(r["backward_s"], 1e3),
+            _fmt(r["fwd_bwd_s"], 1e3), _fmt(r["time_ratio_to_materialised"], digits=2), peak,
+            _fmt(r["memory_ratio_to_materialised"], digits=3)]) + " |")
+    lines.append("")
+    for r in linear:
+        if r["contender"] != FUSED_LINEAR:
+            continue
+        memory, time_ratio = r["memory_ratio_to_materialised"], r["time_ratio_to_materialised"]
+        if memory is None or time_ratio is None:
+            lines.append(f"- {_shape_text(r)}: no materialised figure to compare with in this run.")
+            continue
+        saving = 1 / memory
+        lines.append(
+            f"- {_shape_text(r)}: {FUSED_LINEAR} needs **{saving:.1f}x less** peak extra memory than materialised "
+            f"logits (target at least {FUSED_LINEAR_MEMORY_TARGET:.0f}x: "
+            f"{'met' if saving >= FUSED_LINEAR_MEMORY_TARGET else 'NOT met'}) and takes **{time_ratio:.2f}x** their "
+            "forward+backward time."
+        )
+    return lines
 
 
 def _method(env) -> str:
@@ -118,7 +174,7 @@ def spec_summary(data) -> list[str]:
     measured = {(r["contender"], *_shape_key(r)): r for r in records if r["status"] == "measured"}
     if env["device_type"] != "cuda":
         t = SPEC_CPU_TARGET
-        key = (t["dtype"], t["rows"], t["vocab"])
+        key = (t["dtype"], t["rows"], None, t["vocab"])
         ours, ref = measured.get((OURS, *key)), measured.get(("reference (eager)", *key))
         if not (ours and ref):
             return [f"SPEC section 5 CPU target ({t['dtype']}, N={t['rows']}, V={t['vocab']}): not measured in this run."]
@@ -134,10 +190,10 @@ def spec_summary(data) -> list[str]:
     lines = [f"SPEC section 5 GPU targets (N x V >= 2^30, forward+backward): at least "
              f"{SPEC_GPU_BANDWIDTH_FRACTION:.0%} of copy bandwidth, faster than the best peer and than torch.compile "
              "of the reference.", ""]
-    for (name, dtype, rows, vocab), r in measured.items():
+    for (name, dtype, rows, _hidden, vocab), r in measured.items():
         if name != OURS or rows * vocab < SPEC_GPU_MIN_ELEMENTS:
             continue
-        peers = [p for (_, *k), p in measured.items() if p["role"] == "peer" and tuple(k) == (dtype, rows, vocab)]
+        peers = [p for (_, *k), p in measured.items() if p["role"] == "peer" and tuple(k) == (dtype, rows, None, vocab)]
         best = min(peers, key=lambda p: p["fwd_bwd_s"], default=None)
         fraction = r["copy_bandwidth_fraction"]
         lines.append(
@@ -155,7 +211,7 @@ def _plot(data, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in data["results"] if r["status"] == "measured"]
+    records = [r for r in data["results"] if r["status"] == "measured" and r.get("hidden") is None]
     panels = sorted({(r["dtype"], r["rows"]) for r in records})
     fig, axes = plt.subplots(len(panels) or 1, 2, figsize=(11, 3.2 * max(1, len(panels))), squeeze=False)
     for (dtype, rows), (time_ax, memory_ax) in zip(panels, axes):

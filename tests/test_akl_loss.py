@@ -270,7 +270,7 @@ def test_no_gradient_in_evaluation(backend, monkeypatch):
     import akl_kernels.loss as loss_module
 
     seen = []
-    original = loss_module._select_backend
+    original = loss_module.select_backend
 
     def spy(*args):
         row_losses = original(*args)
@@ -282,7 +282,7 @@ def test_no_gradient_in_evaluation(backend, monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(loss_module, "_select_backend", spy)
+    monkeypatch.setattr(loss_module, "select_backend", spy)
     with torch.no_grad():
         akl_loss(student, teacher, backend=backend)
     assert seen == [None]

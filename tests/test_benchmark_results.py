@@ -8,8 +8,9 @@ from benchmarks import results
 ROLES = {"akl_loss": "ours", "fkl_loss": "ours", "rkl_loss": "ours", "reference (eager)": "reference"}
 
 
-def record(contender, rows, vocab, dtype, fwd_bwd_s, **figures):
-    base = {"contender": contender, "role": ROLES.get(contender, "peer"), "rows": rows, "vocab": vocab, "dtype": dtype, "status": "measured",
+def record(contender, rows, vocab, dtype, fwd_bwd_s, hidden=None, **figures):
+    base = {"contender": contender, "role": ROLES.get(contender, "peer"), "rows": rows, "hidden": hidden, "vocab": vocab,
+            "dtype": dtype, "status": "measured",
             "reason": None, "rounds": 3, "forward_s": fwd_bwd_s * 0.9, "backward_s": fwd_bwd_s * 0.1,
             "fwd_bwd_s": fwd_bwd_s, "peak_extra_bytes": None, "memory_note": None, "grad_bytes": 4 * rows * vocab,
             "memory_ratio": None, "minimal_bytes": None, "bandwidth_bytes_per_s": None,
@@ -77,3 +78,25 @@ def test_gpu_summary_checks_bandwidth_and_the_best_peer():
 def _with_ratios(records):
     results.add_ratios(records)
     return records
+
+
+def test_fused_linear_records_get_their_own_table_and_verdict(tmp_path):
+    shape = dict(rows=2048, hidden=512, vocab=32000, dtype="float32")
+    records = [
+        record("akl_loss", 1024, 32000, "float32", 0.5),
+        {**record("fused_linear_akl_loss", fwd_bwd_s=4.6, peak_extra_bytes=100 * 2**20, **shape), "role": "ours"},
+        {**record("F.linear + akl_loss", fwd_bwd_s=4.0, peak_extra_bytes=800 * 2**20, **shape), "role": "baseline"},
+    ]
+    path = tmp_path / "cpu.json"
+    results.write(path, environment("cpu"), records)
+    data = json.loads(path.read_text())
+    fused = next(r for r in data["results"] if r["contender"] == "fused_linear_akl_loss")
+    assert fused["time_ratio_to_materialised"] == 4.6 / 4.0 and fused["memory_ratio_to_materialised"] == 0.125
+    markdown = path.with_suffix(".md").read_text()
+    assert "| float32 2048 x 512 x 32000 | fused_linear_akl_loss | 4140.0 | 460.0 | 4600.0 | 1.15 | 100 | 0.125 |" in markdown
+    assert "needs **8.0x less** peak extra memory than materialised logits (target at least 5x: met) and takes " \
+           "**1.15x** their forward+backward time" in markdown
+    assert "2048 x 32000" not in markdown  # not in the logits table
+    records[1]["peak_extra_bytes"] = 200 * 2**20
+    text = results.markdown_report({"environment": environment("cpu"), "results": _with_ratios(records)})
+    assert "**4.0x less** peak extra memory than materialised logits (target at least 5x: NOT met)" in text

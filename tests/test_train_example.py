@@ -1,12 +1,15 @@
 """train_example.py: the --quick run end to end, two-rank DDP, and the data path's checks."""
 
+import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_example
 
@@ -116,3 +119,47 @@ def test_mu_sweep_option_is_checked():
             train_example.parse_args(["--compare-mu", bad])
     with pytest.raises(SystemExit):
         train_example.parse_args(["--compare", "--compare-mu", "0.5"])
+
+
+class _Vocabulary:
+    """What build_model reads from a tokenizer."""
+
+    eos_token_id, pad_token_id = 1, 0
+
+    def __len__(self):
+        return 300
+
+
+@pytest.mark.parametrize("family,loss_name", [("gpt2", "akl"), ("llama", "akl"), ("gpt2", "rkl")])
+def test_fused_linear_step_equals_the_logits_step(family, loss_name):
+    # --fused-linear changes how a training step computes, not what: the same losses, statistics
+    # and gradients for every student parameter (lm_head, tied to the embeddings, included).
+    torch.manual_seed(0)
+    student = train_example.build_model(family, _Vocabulary(), width=32, layers=1, max_positions=16)
+    teacher = train_example.build_model(family, _Vocabulary(), width=64, layers=1, max_positions=16).eval()
+    inputs = train_example.collate([([5, 6, 7], [8, 9, 10, 11]), ([12], [13, 14])], pad_id=0)
+    results = {}
+    for fused in (False, True):
+        args = argparse.Namespace(kd_ratio=0.5, mu=0.5, temperature=1.5, fused_linear=fused)
+        model = train_example.FinalHiddenStates(student) if fused else student
+        student.zero_grad(set_to_none=True)
+        loss, lm_loss, kd, stats = train_example.training_losses(model, student, teacher, inputs, loss_name, args,
+                                                                 with_stats=True)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in student.named_parameters()}
+        results[fused] = (loss.item(), lm_loss.item(), kd.item(), stats, grads)
+    (loss, lm_loss, kd, stats, grads), expected = results[True], results[False]
+    assert (loss, lm_loss, kd) == pytest.approx(expected[:3], rel=1e-4, abs=1e-7)  # a KL near 0.01: float32 rounding
+    assert stats == pytest.approx(expected[3], rel=1e-4, abs=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[4][name], rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_fused_linear_run(tmp_path, cache):
+    out = tmp_path / "fused"
+    run("train_example.py", "--quick", "--fused-linear", "--steps", "3", "--device", "cpu", "--out", str(out),
+        "--cache", str(cache))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["fused_linear"] is True
+    log = metrics["runs"]["akl"]["train_log"]
+    assert all(math.isfinite(entry["loss"]) and entry["head_size"] >= 1.0 for entry in log)

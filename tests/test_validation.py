@@ -119,4 +119,4 @@ def test_auto_backend_on_cpu_is_torch(monkeypatch):
     import akl_kernels.loss as loss_module
     from akl_kernels.torch_backend import torch_row_losses
 
-    assert loss_module._select_backend("auto", torch.device("cpu")) is torch_row_losses
+    assert loss_module.select_backend("auto", torch.device("cpu")) is torch_row_losses

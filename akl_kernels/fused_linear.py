@@ -1,0 +1,470 @@
+"""The distillation losses from hidden states and lm_head weights, without the (N, V) logits.
+
+At a 128k vocabulary the logits of 8k tokens take 4 GB in float32 for the student alone, plus
+the teacher's and their gradient. Here rows (tokens) are processed a chunk at a time:
+
+  1. the chunk's student and teacher logits, h @ W^T + b, as matrix products with float32
+     output (float64 for float64 inputs), never rounded to 16 bits before the loss;
+  2. the loss backend (Triton or torch, as for akl_loss) gives the chunk's per-row losses,
+     statistics and the gradient g = d loss / d logits;
+  3. grad_hidden[chunk] = g @ W_s, and grad_W += g^T @ h_s, grad_b += sum over rows of g,
+     accumulated in float32 (float64) across chunks.
+
+Peak extra memory is a few chunk-sized buffers (chunk rows x V) plus the weight-sized
+accumulator, O(chunk x V + V x H), never O(N x V). Rows whose label is ignore_index are not
+gathered at all: they cost no matrix product, and get zero loss and zero gradient whatever
+their hidden states hold. As in akl_loss, gradients are computed in the forward pass (for
+reductions "mean" and "sum") and the backward pass only scales them; for reduction "none" the
+backward recomputes the chunks with each row's grad_output folded into g.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._rows import STATS_FIELDS, LossMode, RowLossConfig
+from .loss import STATS_MU, AKLStats, check_floating, check_labels, check_options, select_backend
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# A chunk's logits hold max(V * H / 4, 2^20) elements: its two buffers (student logits, which
+# the loss backend overwrites with their gradient, and teacher logits) take half the float32
+# weight's size, and a chunk has enough rows (H / 4) for efficient matrix products.
+MIN_CHUNK_ELEMENTS = 1 << 20
+
+
+def default_chunk_rows(vocab: int, hidden: int) -> int:
+    """Rows per chunk for vocabulary size V and hidden size H (the larger of student and teacher)."""
+    return max(1, hidden // 4, MIN_CHUNK_ELEMENTS // vocab)
+
+
+def fused_linear_akl_loss(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    student_bias=None,
+    teacher_bias=None,
+    *,
+    mu=0.5,
+    temperature=1.0,
+    labels=None,
+    ignore_index=-100,
+    reduction="mean",
+    chunk_size=None,
+    return_stats=False,
+    backend="auto",
+):
+    """akl_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T + teacher_bias).
+
+    Same value, statistics and gradients as akl_loss on float32 logits computed from these
+    inputs, without materialising the logits (see the module docstring).
+
+    Args:
+        student_hidden: (..., H_s) float16/bfloat16/float32/float64, the student's last hidden
+            states; receives a gradient of its shape and dtype.
+        student_weight: (V, H_s) the student's lm_head weight (as nn.Linear stores it); receives
+            a gradient. Hidden states and weight may differ in dtype (bf16 hidden states of an
+            autocast model beside a float32 weight): they are multiplied in the promoted dtype.
+        teacher_hidden: (..., H_t) with the same leading shape; no gradient.
+        teacher_weight: (V, H_t); no gradient.
+        student_bias, teacher_bias: optional (V,) biases; the student's receives a gradient.
+        mu, temperature, labels, ignore_index, reduction, return_stats, backend: as akl_loss;
+            labels have the hidden states' leading shape.
+        chunk_size: rows per chunk; None picks max(1, H / 4, 2^20 / V) (H the larger hidden size).
+
+    Returns:
+        The loss (float32, or float64 when a hidden state or weight is float64), or (loss, AKLStats).
+    """
+    return _fused_linear_loss(
+        LossMode.AKL, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+        teacher_bias, mu, temperature, labels, ignore_index, reduction, chunk_size, return_stats, backend,
+    )
+
+
+def fused_linear_fkl_loss(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    student_bias=None,
+    teacher_bias=None,
+    *,
+    temperature=1.0,
+    labels=None,
+    ignore_index=-100,
+    reduction="mean",
+    chunk_size=None,
+    return_stats=False,
+    backend="auto",
+):
+    """Forward KL from hidden states; arguments and returns as fused_linear_akl_loss (statistics at mu = 0.5)."""
+    return _fused_linear_loss(
+        LossMode.FKL, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+        teacher_bias, STATS_MU, temperature, labels, ignore_index, reduction, chunk_size, return_stats, backend,
+    )
+
+
+def fused_linear_rkl_loss(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    student_bias=None,
+    teacher_bias=None,
+    *,
+    temperature=1.0,
+    labels=None,
+    ignore_index=-100,
+    reduction="mean",
+    chunk_size=None,
+    return_stats=False,
+    backend="auto",
+):
+    """Reverse KL from hidden states; arguments and returns as fused_linear_akl_loss (statistics at mu = 0.5)."""
+    return _fused_linear_loss(
+        LossMode.RKL, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+        teacher_bias, STATS_MU, temperature, labels, ignore_index, reduction, chunk_size, return_stats, backend,
+    )
+
+
+class FusedLinearAKLLoss(torch.nn.Module):
+    """nn.Module form of fused_linear_akl_loss (or its FKL / RKL variants): holds the keyword arguments.
+
+    loss="akl", "fkl" or "rkl" selects the divergence (mu is only used by "akl").
+    forward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None,
+    teacher_bias=None, labels=None) returns what fused_linear_akl_loss returns. The weights are
+    passed in, not held, since they belong to the models' lm_heads.
+    """
+
+    def __init__(
+        self,
+        *,
+        loss="akl",
+        mu=0.5,
+        temperature=1.0,
+        ignore_index=-100,
+        reduction="mean",
+        chunk_size=None,
+        return_stats=False,
+        backend="auto",
+    ):
+        super().__init__()
+        if loss not in _MODES:
+            raise ValueError(f"loss must be one of {tuple(_MODES)}, got {loss!r}")
+        check_options(mu, temperature, ignore_index, reduction, backend)
+        _check_chunk_size(chunk_size)
+        self.loss = loss
+        self.mu = mu if loss == "akl" else STATS_MU
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.chunk_size = chunk_size
+        self.return_stats = return_stats
+        self.backend = backend
+
+    def forward(
+        self, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None,
+        teacher_bias=None, labels=None,
+    ):
+        return _fused_linear_loss(
+            _MODES[self.loss], student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+            teacher_bias, self.mu, self.temperature, labels, self.ignore_index, self.reduction,
+            self.chunk_size, self.return_stats, self.backend,
+        )
+
+    def extra_repr(self):
+        return (
+            f"loss={self.loss!r}, mu={self.mu}, temperature={self.temperature}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"chunk_size={self.chunk_size}, backend={self.backend!r}"
+        )
+
+
+_MODES = {"akl": LossMode.AKL, "fkl": LossMode.FKL, "rkl": LossMode.RKL}
+
+
+def _fused_linear_loss(
+    mode, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+    mu, temperature, labels, ignore_index, reduction, chunk_size, return_stats, backend,
+):
+    _check_tensors(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels)
+    check_options(mu, temperature, ignore_index, reduction, backend)
+    _check_chunk_size(chunk_size)
+    row_losses = select_backend(backend, student_hidden.device)
+
+    leading_shape = student_hidden.shape[:-1]
+    n_rows = leading_shape.numel()
+    device = student_hidden.device
+    dtype = torch.promote_types(
+        _logits_dtype(student_hidden.dtype, student_weight.dtype), _logits_dtype(teacher_hidden.dtype, teacher_weight.dtype)
+    )
+    if labels is None:
+        kept = torch.arange(n_rows, device=device)
+    else:
+        kept = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)
+    if reduction == "mean":
+        grad_scale = torch.full((), 1.0 / max(kept.numel(), 1), dtype=dtype, device=device)
+    else:
+        grad_scale = torch.ones((), dtype=dtype, device=device)
+    vocab = student_weight.shape[0]
+    hidden = max(student_weight.shape[1], teacher_weight.shape[1])
+    options = _Options(
+        config=RowLossConfig(
+            mode=LossMode(mode), mu=float(mu), temperature=float(temperature),
+            split=mode == LossMode.AKL or bool(return_stats),
+        ),
+        row_losses=row_losses,
+        chunk_rows=chunk_size or default_chunk_rows(vocab, hidden),
+        reduction=reduction,
+        wanted=tuple(
+            torch.is_grad_enabled() and x is not None and x.requires_grad
+            for x in (student_hidden, student_weight, student_bias)
+        ),
+    )
+    loss, stats, head_size = _FusedLinearLoss.apply(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+        kept, grad_scale, options,
+    )
+    if reduction == "none":
+        loss = loss.reshape(leading_shape)
+    if not return_stats:
+        return loss
+    per_row = [value.reshape(leading_shape) for value in stats]
+    return loss, AKLStats(*per_row, head_size.reshape(leading_shape))
+
+
+class _Options:
+    """What one call passes through autograd besides tensors.
+
+    config: the loss backend's RowLossConfig. row_losses: the backend. chunk_rows: rows per
+    chunk. reduction: "mean", "sum" or "none". wanted: which of (student_hidden,
+    student_weight, student_bias) need a gradient.
+    """
+
+    def __init__(self, config, row_losses, chunk_rows, reduction, wanted):
+        self.config, self.row_losses, self.chunk_rows = config, row_losses, chunk_rows
+        self.reduction, self.wanted = reduction, wanted
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """Reduced loss over chunks of rows; gradients for the student's hidden states, weight, bias.
+
+    For "mean" and "sum" the gradients are computed, already scaled for the reduction, in the
+    forward pass; backward multiplies them by grad_output in place (skipped when it is 1). For
+    "none", and for a further backward through a retained graph, backward recomputes them.
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                kept, grad_scale, options):
+        inputs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+        wanted = options.wanted if options.reduction != "none" else (False, False, False)
+        loss, stats, head_size, grads = _chunked_pass(inputs, kept, grad_scale, None, options, wanted)
+        if options.reduction != "none":
+            # grad_scale is 1 / kept rows for "mean" and 1 for "sum".
+            loss = loss.sum() * grad_scale
+        ctx.grads = grads if any(wanted) else None
+        ctx.options = options
+        ctx.save_for_backward(*inputs, kept, grad_scale)
+        ctx.mark_non_differentiable(stats, head_size)
+        return loss, stats, head_size
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_stats, _grad_head_size):
+        grads, ctx.grads = ctx.grads, None
+        *inputs, kept, grad_scale = ctx.saved_tensors
+        options = ctx.options
+        if grad_loss.dim() == 0:
+            if grads is None:
+                grads = _chunked_pass(inputs, kept, grad_scale, None, options, options.wanted)[3]
+            factor = float(grad_loss)  # one host sync; a Python scalar keeps full precision
+            if factor != 1.0:
+                for grad in grads:
+                    if grad is not None:
+                        grad.mul_(factor)
+        else:  # reduction "none": row i's gradient is scaled by grad_loss[i] before the products
+            grads = _chunked_pass(inputs, kept, grad_scale, grad_loss.reshape(-1), options, options.wanted)[3]
+        return (*grads, None, None, None, None, None, None)
+
+
+def _without_autocast(pass_fn):
+    """Run pass_fn with autocast off: the products' dtypes are chosen by _LMHead, not by autocast."""
+
+    @functools.wraps(pass_fn)
+    def run(inputs, *args):
+        with torch.autocast(inputs[0].device.type, enabled=False):
+            return pass_fn(inputs, *args)
+
+    return run
+
+
+@_without_autocast
+def _chunked_pass(inputs, kept, grad_scale, row_scale, options, wanted):
+    """Losses of every row, and the wanted gradients, one chunk of kept rows at a time.
+
+    Args:
+        inputs: (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+            teacher_bias) as given to the public function (biases may be None).
+        kept: (K,) int64 indices of the rows that count, ascending.
+        grad_scale: 0-dim tensor folded into the gradient (1 / kept rows for "mean").
+        row_scale: None, or (N,) per-row factors of the gradient (grad_output of "none").
+        wanted: which of (hidden, weight, bias) gradients to compute.
+
+    Returns:
+        loss (N,), stats (6, N) and head_size (N,), 0 at ignored rows, and the gradients
+        (hidden, weight, bias) in their inputs' shapes and dtypes (None where not wanted).
+    """
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = inputs
+    student_rows = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    n_rows, device = student_rows.shape[0], student_rows.device
+    student_head = _LMHead(student_hidden.dtype, student_weight, student_bias)
+    teacher_head = _LMHead(teacher_hidden.dtype, teacher_weight, teacher_bias)
+    dtype = torch.float64 if torch.float64 in (student_head.dtype, teacher_head.dtype) else torch.float32
+
+    loss = torch.zeros(n_rows, dtype=dtype, device=device)
+    stats = torch.zeros(len(STATS_FIELDS), n_rows, dtype=dtype, device=device)
+    head_size = torch.zeros(n_rows, dtype=torch.int64, device=device)
+    want_hidden, want_weight, want_bias = wanted
+    compute_grad = any(wanted)
+    # Gradients: the hidden states' in their dtype (each row written once), the weight's and
+    # bias's accumulated in the logits' dtype (float32 or float64) over chunks.
+    grad_hidden = torch.zeros_like(student_rows) if want_hidden else None
+    grad_weight = torch.zeros(student_weight.shape, dtype=student_head.dtype, device=device) if want_weight else None
+    grad_bias = torch.zeros(student_bias.shape, dtype=student_head.dtype, device=device) if want_bias else None
+
+    # The chunk's logits live in two buffers reused by every chunk; the loss backend writes the
+    # gradient over the student's logits (each row is read before its gradient is written).
+    chunk_rows = min(options.chunk_rows, kept.numel())
+    student_buffer = torch.empty(chunk_rows, student_weight.shape[0], dtype=student_head.dtype, device=device)
+    teacher_buffer = torch.empty(chunk_rows, teacher_weight.shape[0], dtype=teacher_head.dtype, device=device)
+    for rows in kept.split(chunk_rows) if kept.numel() else ():
+        hidden = student_rows.index_select(0, rows)  # (R, H_s): only kept rows are multiplied
+        student_logits = student_head.logits(hidden, student_buffer[: rows.numel()])  # (R, V)
+        teacher_logits = teacher_head.logits(teacher_rows.index_select(0, rows), teacher_buffer[: rows.numel()])
+        chunk = options.row_losses(
+            student_logits, teacher_logits, None, grad_scale, options.config, compute_grad, grad_out=student_logits
+        )
+        loss.index_copy_(0, rows, chunk.loss)
+        stats.index_copy_(1, rows, chunk.stats)
+        head_size.index_copy_(0, rows, chunk.head_size)
+        if not compute_grad:
+            continue
+        g = chunk.grad  # (R, V) d(sum_i grad_scale * loss_i) / d student logits
+        if row_scale is not None:
+            g.mul_(row_scale.index_select(0, rows).to(g.dtype)[:, None])
+        if want_hidden:
+            grad_hidden.index_copy_(0, rows, student_head.input_grad(g).to(grad_hidden.dtype))  # g @ W_s
+        if want_weight:
+            student_head.add_weight_grad_(grad_weight, g, hidden)  # += g^T @ h_s
+        if want_bias:
+            grad_bias.add_(g.sum(0))
+
+    grads = (
+        None if grad_hidden is None else grad_hidden.reshape(student_hidden.shape),
+        None if grad_weight is None else grad_weight.to(student_weight.dtype),
+        None if grad_bias is None else grad_bias.to(student_bias.dtype),
+    )
+    return loss, stats, head_size, grads
+
+
+class _LMHead:
+    """One model's output layer, logits = hidden @ weight^T + bias, with float32 (float64) results.
+
+    Hidden states and weight are multiplied in their promoted dtype. When that is float16 or
+    bfloat16 on CUDA, the operands stay 16-bit and the product has float32 output (torch.mm's
+    out_dtype); elsewhere (a CPU has no such kernel) the weight is copied to float32 once per
+    pass. The logits are never rounded to 16 bits.
+    """
+
+    def __init__(self, hidden_dtype, weight, bias):
+        operand = torch.promote_types(hidden_dtype, weight.dtype)
+        self.dtype = _logits_dtype(hidden_dtype, weight.dtype)
+        self.half_on_cuda = operand in HALF_DTYPES and weight.is_cuda
+        self.operand = operand if self.half_on_cuda else self.dtype
+        self.weight = weight.to(self.operand)
+        self.bias = None if bias is None else bias.to(self.dtype)
+
+    def logits(self, hidden, out):
+        """(R, H) hidden states -> (R, V) logits in self.dtype, written to out and returned."""
+        if self.half_on_cuda:
+            torch.mm(hidden.to(self.operand), self.weight.T, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(hidden.to(self.operand), self.weight.T, out=out)
+        return out if self.bias is None else out.add_(self.bias)
+
+    def input_grad(self, grad_logits):
+        """(R, V) gradient of the logits -> (R, H) gradient of the hidden states, g @ W."""
+        # With 16-bit operands the product accumulates in float32 inside.
+        return torch.mm(grad_logits.to(self.operand), self.weight)
+
+    def add_weight_grad_(self, grad_weight, grad_logits, hidden):
+        """grad_weight (V, H) += g^T @ h for the chunk's (R, V) g and (R, H) hidden states."""
+        hidden = hidden.to(self.operand)
+        if not self.half_on_cuda:
+            grad_weight.addmm_(grad_logits.T, hidden)
+            return
+        # 16-bit operands, float32 product added to the float32 accumulator a slice of the
+        # vocabulary at a time, so that the product's buffer stays within the chunk's size.
+        grad_t = grad_logits.T.to(self.operand)  # (V, R)
+        vocab_slice = max(1, grad_logits.numel() // hidden.shape[1])
+        for start in range(0, grad_weight.shape[0], vocab_slice):
+            part = slice(start, start + vocab_slice)
+            grad_weight[part].add_(torch.mm(grad_t[part], hidden, out_dtype=torch.float32))
+
+
+def _logits_dtype(hidden_dtype, weight_dtype):
+    """float64 when either operand is float64, else float32: the dtype of a side's logits."""
+    return torch.float64 if torch.float64 in (hidden_dtype, weight_dtype) else torch.float32
+
+
+def _check_tensors(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels):
+    for side, hidden, weight, bias in (
+        ("student", student_hidden, student_weight, student_bias),
+        ("teacher", teacher_hidden, teacher_weight, teacher_bias),
+    ):
+        check_floating(f"{side}_hidden", hidden, "hidden states")
+        check_floating(f"{side}_weight", weight, "weights")
+        if hidden.dim() == 0:
+            raise ValueError(f"{side}_hidden must have shape (..., H), got a 0-dim tensor")
+        if weight.dim() != 2:
+            raise ValueError(f"{side}_weight must have shape (V, H), got {tuple(weight.shape)}")
+        if hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(
+                f"{side}_hidden's last dimension ({hidden.shape[-1]}) must equal {side}_weight's "
+                f"second ({weight.shape[1]}): the weight is (V, H) as nn.Linear stores it"
+            )
+        if bias is not None:
+            check_floating(f"{side}_bias", bias, "biases")
+            if bias.shape != weight.shape[:1]:
+                raise ValueError(f"{side}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            "student_weight and teacher_weight must have the same vocabulary size (first "
+            f"dimension), got {student_weight.shape[0]} and {teacher_weight.shape[0]}"
+        )
+    if student_weight.shape[0] == 0:
+        raise ValueError("the vocabulary dimension (first) of the weights is empty")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            "student_hidden and teacher_hidden must have the same leading shape, got "
+            f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
+        )
+    tensors = {"student_hidden": student_hidden, "student_weight": student_weight, "student_bias": student_bias,
+               "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias}
+    for name, x in tensors.items():
+        if x is not None and x.device != student_hidden.device:
+            raise ValueError(f"{name} is on {x.device} but student_hidden is on {student_hidden.device}")
+    check_labels(labels, student_hidden.shape[:-1], student_hidden.device, "hidden states")
+
+
+def _check_chunk_size(chunk_size):
+    if chunk_size is None:
+        return
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
