@@ -32,7 +32,10 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # A chunk's logits hold max(V * H / 4, 2^20) elements: its two buffers (student logits, which
 # the loss backend overwrites with their gradient, and teacher logits) take half the float32
-# weight's size, and a chunk has enough rows (H / 4) for efficient matrix products.
+# weight's size, and a chunk has enough rows (H / 4) for efficient matrix products on a GPU.
+# On a 2-core CPU at H = 512, V = 32000 larger chunks are faster but cost memory: 128 rows
+# (the default) took 1.1-1.2x the time of materialised logits at 1/6.9 of their peak memory,
+# 256 rows 1.05x at 1/5.3 (chunk_size chooses).
 MIN_CHUNK_ELEMENTS = 1 << 20
 
 
