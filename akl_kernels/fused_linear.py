@@ -381,14 +381,16 @@ class _LMHead:
 
     Hidden states and weight are multiplied in their promoted dtype. When that is float16 or
     bfloat16 on CUDA, the operands stay 16-bit and the product has float32 output (torch.mm's
-    out_dtype); elsewhere (a CPU has no such kernel) the weight is copied to float32 once per
-    pass. The logits are never rounded to 16 bits.
+    out_dtype); elsewhere (a CPU has no such kernel, nor have older torch builds) the weight is
+    copied to float32 once per pass. The logits are never rounded to 16 bits.
     """
 
     def __init__(self, hidden_dtype, weight, bias):
         operand = torch.promote_types(hidden_dtype, weight.dtype)
         self.dtype = _logits_dtype(hidden_dtype, weight.dtype)
-        self.half_on_cuda = operand in HALF_DTYPES and weight.is_cuda
+        self.half_on_cuda = (
+            operand in HALF_DTYPES and weight.is_cuda and _mm_has_float32_output(weight.device, operand)
+        )
         self.operand = operand if self.half_on_cuda else self.dtype
         self.weight = weight.to(self.operand)
         self.bias = None if bias is None else bias.to(self.dtype)
@@ -419,6 +421,17 @@ class _LMHead:
         for start in range(0, grad_weight.shape[0], vocab_slice):
             part = slice(start, start + vocab_slice)
             grad_weight[part].add_(torch.mm(grad_t[part], hidden, out_dtype=torch.float32))
+
+
+@functools.cache
+def _mm_has_float32_output(device, dtype):
+    """Whether torch.mm takes out_dtype=torch.float32 for `dtype` operands on `device` (older
+    torch builds lack it; the float32 copy of the weight is then used, as on a CPU)."""
+    try:
+        x = torch.ones(2, 2, dtype=dtype, device=device)
+        return torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def _logits_dtype(hidden_dtype, weight_dtype):

@@ -20,7 +20,7 @@ from akl_kernels import (
     fused_linear_rkl_loss,
     rkl_loss,
 )
-from akl_kernels.fused_linear import default_chunk_rows
+from akl_kernels.fused_linear import _mm_has_float32_output, default_chunk_rows
 from tests.compare import STATS_NAMES
 
 FUSED = {"akl": fused_linear_akl_loss, "fkl": fused_linear_fkl_loss, "rkl": fused_linear_rkl_loss}
@@ -268,6 +268,13 @@ def test_default_chunk_rows():
     assert default_chunk_rows(128256, 4096) == 1024  # the GPU benchmark shape
     assert default_chunk_rows(4000, 64) == 262
     assert default_chunk_rows(2**22, 4) == 1
+
+
+def test_float32_output_probe():
+    # Whether 16-bit products can have float32 output decides between 16-bit operands and a
+    # float32 copy of the weight; the probe must answer both ways.
+    assert not _mm_has_float32_output(torch.device("cpu"), torch.bfloat16)  # no CPU kernel
+    assert _mm_has_float32_output(torch.device("meta"), torch.bfloat16)  # shape rules only
 
 
 def _bad(**changes):
