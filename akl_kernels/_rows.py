@@ -66,8 +66,8 @@ class RowLosses(NamedTuple):
     grad: Optional[torch.Tensor]
 
 
-def compute_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
-    """float64 when either input is float64, else float32 (SPEC section 2, step 2)."""
-    if torch.float64 in (student.dtype, teacher.dtype):
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any of the inputs' dtypes is float64, else float32 (SPEC section 2, step 2)."""
+    if torch.float64 in dtypes:
         return torch.float64
     return torch.float32

@@ -21,12 +21,23 @@ backward recomputes the chunks with each row's grad_output folded into g.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._rows import STATS_FIELDS, LossMode, RowLossConfig
-from .loss import STATS_MU, AKLStats, check_floating, check_labels, check_options, select_backend
+from ._rows import STATS_FIELDS, LossMode, RowLossConfig, compute_dtype
+from .loss import (
+    STATS_MU,
+    check_floating,
+    check_labels,
+    check_options,
+    reduction_grad_scale,
+    row_config,
+    select_backend,
+    shape_result,
+)
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -200,26 +211,17 @@ def _fused_linear_loss(
     row_losses = select_backend(backend, student_hidden.device)
 
     leading_shape = student_hidden.shape[:-1]
-    n_rows = leading_shape.numel()
     device = student_hidden.device
-    dtype = torch.promote_types(
-        _logits_dtype(student_hidden.dtype, student_weight.dtype), _logits_dtype(teacher_hidden.dtype, teacher_weight.dtype)
-    )
     if labels is None:
-        kept = torch.arange(n_rows, device=device)
+        kept = torch.arange(leading_shape.numel(), device=device)
     else:
         kept = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)
-    if reduction == "mean":
-        grad_scale = torch.full((), 1.0 / max(kept.numel(), 1), dtype=dtype, device=device)
-    else:
-        grad_scale = torch.ones((), dtype=dtype, device=device)
+    dtype = compute_dtype(student_hidden.dtype, student_weight.dtype, teacher_hidden.dtype, teacher_weight.dtype)
+    grad_scale = reduction_grad_scale(reduction, kept.numel(), dtype, device)
     vocab = student_weight.shape[0]
     hidden = max(student_weight.shape[1], teacher_weight.shape[1])
     options = _Options(
-        config=RowLossConfig(
-            mode=LossMode(mode), mu=float(mu), temperature=float(temperature),
-            split=mode == LossMode.AKL or bool(return_stats),
-        ),
+        config=row_config(mode, mu, temperature, return_stats),
         row_losses=row_losses,
         chunk_rows=chunk_size or default_chunk_rows(vocab, hidden),
         reduction=reduction,
@@ -232,14 +234,10 @@ def _fused_linear_loss(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         kept, grad_scale, options,
     )
-    if reduction == "none":
-        loss = loss.reshape(leading_shape)
-    if not return_stats:
-        return loss
-    per_row = [value.reshape(leading_shape) for value in stats]
-    return loss, AKLStats(*per_row, head_size.reshape(leading_shape))
+    return shape_result(loss, stats, head_size, leading_shape, reduction, return_stats)
 
 
+@dataclass(frozen=True)
 class _Options:
     """What one call passes through autograd besides tensors.
 
@@ -248,9 +246,11 @@ class _Options:
     student_weight, student_bias) need a gradient.
     """
 
-    def __init__(self, config, row_losses, chunk_rows, reduction, wanted):
-        self.config, self.row_losses, self.chunk_rows = config, row_losses, chunk_rows
-        self.reduction, self.wanted = reduction, wanted
+    config: RowLossConfig
+    row_losses: Callable
+    chunk_rows: int
+    reduction: str
+    wanted: tuple[bool, bool, bool]
 
 
 class _FusedLinearLoss(torch.autograd.Function):
@@ -328,7 +328,7 @@ def _chunked_pass(inputs, kept, grad_scale, row_scale, options, wanted):
     n_rows, device = student_rows.shape[0], student_rows.device
     student_head = _LMHead(student_hidden.dtype, student_weight, student_bias)
     teacher_head = _LMHead(teacher_hidden.dtype, teacher_weight, teacher_bias)
-    dtype = torch.float64 if torch.float64 in (student_head.dtype, teacher_head.dtype) else torch.float32
+    dtype = compute_dtype(student_head.dtype, teacher_head.dtype)
 
     loss = torch.zeros(n_rows, dtype=dtype, device=device)
     stats = torch.zeros(len(STATS_FIELDS), n_rows, dtype=dtype, device=device)
@@ -347,9 +347,11 @@ def _chunked_pass(inputs, kept, grad_scale, row_scale, options, wanted):
     student_buffer = torch.empty(chunk_rows, student_weight.shape[0], dtype=student_head.dtype, device=device)
     teacher_buffer = torch.empty(chunk_rows, teacher_weight.shape[0], dtype=teacher_head.dtype, device=device)
     for rows in kept.split(chunk_rows) if kept.numel() else ():
-        hidden = student_rows.index_select(0, rows)  # (R, H_s): only kept rows are multiplied
+        # (R, H) operands, converted once: only kept rows are multiplied
+        hidden = student_head.operands(student_rows.index_select(0, rows))
         student_logits = student_head.logits(hidden, student_buffer[: rows.numel()])  # (R, V)
-        teacher_logits = teacher_head.logits(teacher_rows.index_select(0, rows), teacher_buffer[: rows.numel()])
+        teacher_hidden_rows = teacher_head.operands(teacher_rows.index_select(0, rows))
+        teacher_logits = teacher_head.logits(teacher_hidden_rows, teacher_buffer[: rows.numel()])
         chunk = options.row_losses(
             student_logits, teacher_logits, None, grad_scale, options.config, compute_grad, grad_out=student_logits
         )
@@ -387,7 +389,7 @@ class _LMHead:
 
     def __init__(self, hidden_dtype, weight, bias):
         operand = torch.promote_types(hidden_dtype, weight.dtype)
-        self.dtype = _logits_dtype(hidden_dtype, weight.dtype)
+        self.dtype = compute_dtype(hidden_dtype, weight.dtype)  # the logits' dtype
         self.half_on_cuda = (
             operand in HALF_DTYPES and weight.is_cuda and _mm_has_float32_output(weight.device, operand)
         )
@@ -395,12 +397,16 @@ class _LMHead:
         self.weight = weight.to(self.operand)
         self.bias = None if bias is None else bias.to(self.dtype)
 
+    def operands(self, hidden):
+        """(R, H) hidden states in the dtype the products take them (self.operand)."""
+        return hidden.to(self.operand)
+
     def logits(self, hidden, out):
-        """(R, H) hidden states -> (R, V) logits in self.dtype, written to out and returned."""
+        """(R, H) operands -> (R, V) logits in self.dtype, written to out and returned."""
         if self.half_on_cuda:
-            torch.mm(hidden.to(self.operand), self.weight.T, out_dtype=torch.float32, out=out)
+            torch.mm(hidden, self.weight.T, out_dtype=torch.float32, out=out)
         else:
-            torch.mm(hidden.to(self.operand), self.weight.T, out=out)
+            torch.mm(hidden, self.weight.T, out=out)
         return out if self.bias is None else out.add_(self.bias)
 
     def input_grad(self, grad_logits):
@@ -409,8 +415,7 @@ class _LMHead:
         return torch.mm(grad_logits.to(self.operand), self.weight)
 
     def add_weight_grad_(self, grad_weight, grad_logits, hidden):
-        """grad_weight (V, H) += g^T @ h for the chunk's (R, V) g and (R, H) hidden states."""
-        hidden = hidden.to(self.operand)
+        """grad_weight (V, H) += g^T @ h for the chunk's (R, V) g and (R, H) operands."""
         if not self.half_on_cuda:
             grad_weight.addmm_(grad_logits.T, hidden)
             return
@@ -432,11 +437,6 @@ def _mm_has_float32_output(device, dtype):
         return torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
     except (TypeError, RuntimeError, NotImplementedError):
         return False
-
-
-def _logits_dtype(hidden_dtype, weight_dtype):
-    """float64 when either operand is float64, else float32: the dtype of a side's logits."""
-    return torch.float64 if torch.float64 in (hidden_dtype, weight_dtype) else torch.float32
 
 
 def _check_tensors(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels):

@@ -174,26 +174,41 @@ def _distillation_loss(
     if student.dim() == 1:  # a single row
         student, teacher = student.unsqueeze(0), teacher.unsqueeze(0)
     keep = None if labels is None else (labels != ignore_index).reshape(-1)
-    dtype = compute_dtype(student, teacher)
-    if keep is None:
-        kept_rows = torch.full((), leading_shape.numel(), dtype=dtype, device=student.device)
-    else:
-        kept_rows = keep.sum().to(dtype)
-    if reduction == "mean":
-        grad_scale = 1.0 / kept_rows.clamp(min=1)
-    else:
-        grad_scale = torch.ones((), dtype=dtype, device=student.device)
+    kept_rows = leading_shape.numel() if keep is None else keep.sum()
+    grad_scale = reduction_grad_scale(
+        reduction, kept_rows, compute_dtype(student.dtype, teacher.dtype), student.device
+    )
+    config = row_config(mode, mu, temperature, return_stats)
+    compute_grad = torch.is_grad_enabled() and student.requires_grad
+    loss, stats, head_size = _DistillationLoss.apply(
+        student, teacher, keep, grad_scale, config, reduction, row_losses, compute_grad
+    )
+    return shape_result(loss, stats, head_size, leading_shape, reduction, return_stats)
 
-    config = RowLossConfig(
+
+def row_config(mode, mu, temperature, return_stats) -> RowLossConfig:
+    """The backends' configuration of one call (the head/tail split for AKL or for statistics)."""
+    return RowLossConfig(
         mode=LossMode(mode),
         mu=float(mu),
         temperature=float(temperature),
         split=mode == LossMode.AKL or bool(return_stats),
     )
-    compute_grad = torch.is_grad_enabled() and student.requires_grad
-    loss, stats, head_size = _DistillationLoss.apply(
-        student, teacher, keep, grad_scale, config, reduction, row_losses, compute_grad
-    )
+
+
+def reduction_grad_scale(reduction, kept_rows, dtype, device) -> torch.Tensor:
+    """0-dim factor folded into the gradient: 1 / kept rows (at least 1) for "mean", else 1.
+
+    kept_rows: an int or a 0-dim tensor (left on the device, so no host sync).
+    """
+    if reduction != "mean":
+        return torch.ones((), dtype=dtype, device=device)
+    return 1.0 / torch.as_tensor(kept_rows, device=device).to(dtype).clamp(min=1)
+
+
+def shape_result(loss, stats, head_size, leading_shape, reduction, return_stats):
+    """What the public losses return: the loss (per row in the leading shape for "none"), and
+    with return_stats an AKLStats of per-row tensors of the leading shape."""
     if reduction == "none":
         loss = loss.reshape(leading_shape)
     if not return_stats:

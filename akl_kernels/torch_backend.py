@@ -46,7 +46,7 @@ def torch_row_losses(
     vocab = student.shape[-1]
     leading_shape = student.shape[:-1]
     n_rows = leading_shape.numel()
-    dtype = compute_dtype(student, teacher)
+    dtype = compute_dtype(student.dtype, teacher.dtype)
     device = student.device
 
     loss = torch.zeros(n_rows, dtype=dtype, device=device)

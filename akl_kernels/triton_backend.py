@@ -456,7 +456,7 @@ def triton_row_losses(
         teacher = teacher.contiguous()
     vocab = student.shape[-1]
     n_rows = student.numel() // vocab
-    dtype = compute_dtype(student, teacher)
+    dtype = compute_dtype(student.dtype, teacher.dtype)
     device = student.device
 
     loss = torch.empty(n_rows, dtype=dtype, device=device)
