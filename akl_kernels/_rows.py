@@ -58,12 +58,15 @@ class RowLosses(NamedTuple):
     head_size: (N,) int64.
     grad: student-shaped, student dtype, contiguous: d(sum_i grad_scale * loss_i)/d student,
         0 at ignored rows; None when no gradient was asked for.
+    split_path: (N,) int32 code of how each row's head/tail split was found, for diagnostics
+        (the backend's SPLIT_PATHS names them), or None.
     """
 
     loss: torch.Tensor
     stats: torch.Tensor
     head_size: torch.Tensor
     grad: Optional[torch.Tensor]
+    split_path: Optional[torch.Tensor] = None
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:

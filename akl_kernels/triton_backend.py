@@ -1,24 +1,33 @@
-"""The Triton backend: one kernel family for AKL, FKL and RKL, one program per row.
+"""The Triton backend: one kernel family for AKL, FKL and RKL.
 
-Each program streams its row of student and teacher logits block by block:
+A persistent grid of programs takes rows in turn; each program streams its row of teacher and
+student logits block by block (docs/semantics.md gives the maths, docs/kernel.md the design):
 
-  pass 1  online max and sum-exp of a = t/T and b = s/T over the support, NaN/+inf detection,
-          and (when the head/tail split is needed) the TOPK largest teacher values;
-  split   the crossing of mu among those TOPK (the usual case) or, for rows whose head is
-          larger, an exact search for the crossing value (several candidate thresholds per
-          pass over an order-preserving integer image of the logits), then, if the crossing
-          falls inside a group of tied logits, one pass that finds which ties (by index) are
-          in the head;
-  pass 2  FKL, RKL, the head and tail gaps, the head size, the weights and the loss;
-  pass 3  the gradient with respect to the student logits, written once.
+  pass 1   (teacher and student) online max and sum of exp2 of a = t/T and b = s/T in base-2
+           units, FKL and RKL summed online against the running maxima, NaN/+inf and -inf
+           detection, and, when the head/tail split is needed, the TOPK largest teacher logits;
+  split    the crossing of mu among those TOPK (the usual case) or, for rows whose head is
+           larger, bracket passes over the teacher alone (C thresholds with exact masses each)
+           until the bracket around the crossing holds at most CAPACITY tokens or one value;
+  pass 2   (teacher and student, AKL or statistics only) the gaps |p - q| over head and tail:
+           ties of the crossing value take the head in index order by a running rank, and the
+           tokens of a bracket are kept (value, index, gap) in a per-program buffer and placed
+           exactly once the pass has the bracket's mass above;
+  pass 3   (teacher and student, write) the gradient with respect to the student logits.
 
-Nothing vocabulary-sized is written except the gradient. Offsets are int64; inputs are read in
-their own dtype and upcast in registers to float32, or float64 for float64 inputs. The loss
-mode, the split and the gradient are compile-time switches of the same kernel; mu and the
-temperature are runtime arguments.
+So a row costs 7 units of memory traffic (a unit is one row of one tensor): 2 + 2 + 3, or 5 for
+FKL and RKL without statistics (no pass 2), plus one teacher-only unit per bracket pass for
+rows whose head holds at least TOPK tokens. Nothing vocabulary-sized is written except the
+gradient. Offsets are int64; inputs are read in their own dtype (16-byte loads where rows are
+aligned) and upcast in registers to float32, or float64 for float64 inputs. The head/tail
+order is taken on the teacher's logits themselves (t, not t/T), so ties are exact ties. The
+loss mode and the passes are compile-time switches; mu and the temperature are runtime values.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import triton
@@ -30,123 +39,61 @@ MODE_AKL: tl.constexpr = tl.constexpr(int(LossMode.AKL))
 MODE_FKL: tl.constexpr = tl.constexpr(int(LossMode.FKL))
 MODE_RKL: tl.constexpr = tl.constexpr(int(LossMode.RKL))
 
-# Candidate thresholds per pass of the exact fallback search (the interval shrinks 17x a pass).
+LN2: tl.constexpr = tl.constexpr(math.log(2.0))
+
+# How each row's head/tail split was found (the kernel's split_path output, as
+# SPLIT_PATHS[code % 8] plus 8 x the number of bracket passes).
+PATH_NONE: tl.constexpr = tl.constexpr(0)  # no split computed (FKL/RKL without stats, ignored or invalid row)
+PATH_TOP: tl.constexpr = tl.constexpr(1)  # the crossing lies among the TOPK largest teacher logits
+PATH_ALL: tl.constexpr = tl.constexpr(2)  # mu = 1: the whole support is head
+PATH_BUFFER: tl.constexpr = tl.constexpr(3)  # bracket passes, then the bracket's tokens placed after pass 2
+PATH_TIES: tl.constexpr = tl.constexpr(4)  # bracket passes down to one tied value, placed by rank in pass 2
+PATH_SEARCHING: tl.constexpr = tl.constexpr(7)
+SPLIT_PATHS = {0: "none", 1: "top", 2: "all head", 3: "bracket+buffer", 4: "bracket+ties"}
+
+# Thresholds per bracket pass: each pass narrows the bracket about 16x.
 NUM_CANDIDATES = 16
+# Tokens a bracket may hold to be placed from the buffer after pass 2 (per program: CAPACITY x
+# (value, gap), 32 KiB in float32).
+CAPACITY = 4096
+# Columns per block of the streaming passes, and of the bracket passes (whose C thresholds per
+# column need lane accumulators: C x SEARCH_BLOCK / threads registers each).
+MAX_BLOCK = 2048
+MAX_SEARCH_BLOCK = 256
+SCAN_BLOCK = 512
+# Programs per streaming multiprocessor in the persistent grid: with at most MAX_REGISTERS per
+# thread (ptxas's .maxnreg), two programs of 256 threads fit in one SM's 65536 registers.
+PROGRAMS_PER_SM = 2
+MAX_REGISTERS = 128
 
 
 @triton.jit
-def _load_block(
-    teacher_row,  # pointer to the row's first teacher logit
-    student_row,  # pointer to the row's first student logit
-    cols,  # int32 [BLOCK] column indices
-    V,
-    temperature,
-    COMPUTE_DTYPE: tl.constexpr,
-):
-    """a = t / T and b = s / T for one block, -inf outside the support (and past the row's end).
+def _or(a, b):
+    return a | b
 
-    Also returns the support mask and a mask of NaN or +inf inputs, which make the row invalid.
+
+@triton.jit
+def _load(row, cols, V, COMPUTE_DTYPE: tl.constexpr):
+    """One block of a row in the compute dtype; -inf past the row's end."""
+    return tl.load(row + cols, mask=cols < V, other=float("-inf")).to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def _lane_sum(x, BLOCK: tl.constexpr):
+    """x [BLOCK] summed over groups of 4 neighbours, [BLOCK // 4]: the adds stay inside each thread
+    (a thread holds at least 4 neighbouring columns), so per-lane accumulators built from it cost
+    a quarter of the registers and no cross-thread reduction until the end of the row."""
+    return tl.sum(tl.reshape(x, [BLOCK // 4, 4]), 1)
+
+
+@triton.jit
+def _log2_prob(x, row_max, c, log2_z):
+    """log2 of the softmax of x / T from c = log2(e) / T, the row's max(x) and log2 sum 2^((x - max) c).
+
+    The shift comes first and the small normaliser after it, which keeps log2 p exact for
+    logits of large magnitude.
     """
-    in_row = cols < V
-    a = tl.load(teacher_row + cols, mask=in_row, other=float("-inf")).to(COMPUTE_DTYPE) / temperature
-    b = tl.load(student_row + cols, mask=in_row, other=float("-inf")).to(COMPUTE_DTYPE) / temperature
-    bad = (a != a) | (b != b) | (a == float("inf")) | (b == float("inf"))
-    support = (a > float("-inf")) & (b > float("-inf"))
-    a = tl.where(support, a, float("-inf"))
-    b = tl.where(support, b, float("-inf"))
-    return a, b, support, bad
-
-
-@triton.jit
-def _block_probabilities(
-    teacher_row,
-    student_row,
-    cols,
-    V,
-    temperature,
-    max_a,
-    log_z_a,
-    max_b,
-    log_z_b,
-    COMPUTE_DTYPE: tl.constexpr,
-):
-    """For one block once the normalisers are known: a, the support, p, q and d = log p - log q.
-
-    p, q and d are 0 outside the support.
-    """
-    a, b, support, bad = _load_block(teacher_row, student_row, cols, V, temperature, COMPUTE_DTYPE)
-    log_p = _log_prob(a, max_a, log_z_a)
-    log_q = _log_prob(b, max_b, log_z_b)
-    p = tl.where(support, tl.exp(log_p), 0.0)
-    q = tl.where(support, tl.exp(log_q), 0.0)
-    d = tl.where(support, log_p - log_q, 0.0)
-    return a, support, p, q, d
-
-
-@triton.jit
-def _online_logsumexp(running_max, running_sum, x):
-    """Fold a block x (-inf at masked positions) into (max, sum of exp(x - max))."""
-    new_max = tl.maximum(running_max, tl.max(x, 0))
-    # e^(m - m'), taken as 1 while nothing has been seen (m = m' = -inf).
-    rescale = tl.where(new_max == running_max, 1.0, tl.exp(running_max - new_max))
-    terms = tl.where(x > float("-inf"), tl.exp(x - new_max), 0.0)
-    return new_max, running_sum * rescale + tl.sum(terms, 0)
-
-
-@triton.jit
-def _log_prob(x, row_max, log_z):
-    """log softmax from the row's max and log sum exp(x - max): (x - max) - log_z."""
-    return (x - row_max) - log_z
-
-
-@triton.jit
-def _precedes(values, SIZE: tl.constexpr):
-    """[SIZE, SIZE] bool: entry (i, j) says i comes before j in descending order, ties by position."""
-    position = tl.arange(0, SIZE)
-    greater = values[:, None] > values[None, :]
-    tied_earlier = (values[:, None] == values[None, :]) & (position[:, None] < position[None, :])
-    return greater | tied_earlier
-
-
-@triton.jit
-def _merge_top(top, x, BLOCK: tl.constexpr, TOPK: tl.constexpr):
-    """Fold a block x into top, the TOPK largest values seen so far (unordered, with multiplicity).
-
-    Each round views x as TOPK groups, moves every group's maximum out of x and keeps the TOPK
-    largest of top and those maxima; rounds go on while x still holds a value above the
-    smallest kept one (for most blocks of a row, none at all).
-    """
-    GROUP: tl.constexpr = BLOCK // TOPK
-    x = tl.reshape(x, [TOPK, GROUP])
-    cols = tl.arange(0, GROUP)[None, :]
-    slots = tl.arange(0, TOPK)
-    while tl.max(tl.max(x, 1), 0) > tl.min(top, 0):
-        group_max = tl.max(x, 1)
-        first = tl.min(tl.where(x == group_max[:, None], cols, GROUP), 1)
-        x = tl.where(cols == first[:, None], float("-inf"), x)
-        # Keep the TOPK largest of top and group_max: the value of rank r goes to slot r.
-        both = tl.reshape(tl.join(top, group_max), [2 * TOPK])
-        rank = tl.sum(_precedes(both, 2 * TOPK).to(tl.int32), 0)
-        top = tl.sum(tl.where(rank[:, None] == slots[None, :], both[:, None], 0.0), 0)
-    return top
-
-
-@triton.jit
-def _crossing_in_top(top, max_a, log_z_a, mu, TOPK: tl.constexpr):
-    """Head size and crossing value as far as the TOPK largest teacher logits tell.
-
-    Orders the (unordered) top values descending, ties by slot, without sorting. cum_j is the
-    mass of j and the values before it; the head is the tokens with cum_j <= mu, at least one;
-    the crossing token is the first tail token, at rank head_count, and its value is -inf when
-    it lies past the TOPK.
-    """
-    p = tl.exp(_log_prob(top, max_a, log_z_a))
-    precedes = _precedes(top, TOPK)
-    running_mass = tl.sum(tl.where(precedes, p[:, None], 0.0), 0) + p  # cum_j
-    rank = tl.sum(precedes.to(tl.int32), 0)
-    head_count = tl.maximum(tl.sum((running_mass <= mu).to(tl.int32), 0), 1)
-    crossing = tl.max(tl.where(rank == head_count, top, float("-inf")), 0)
-    return head_count, crossing
+    return (x - row_max) * c - log2_z
 
 
 @triton.jit
@@ -173,219 +120,607 @@ def _image_value(image, COMPUTE_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _search_crossing(
-    teacher_row,
-    student_row,
-    V,
-    temperature,
-    mu,
-    max_a,  # largest teacher logit on the support
-    log_z_a,  # log sum exp(a - max_a) over the support
-    COMPUTE_DTYPE: tl.constexpr,
-    NUM_CANDIDATES: tl.constexpr,
-    SEARCH_BLOCK: tl.constexpr,
-):
-    """Exact crossing of mu for a row whose head holds at least TOPK tokens.
-
-    With G(c) = mass of the tokens whose image is >= c, the crossing token's value is the
-    largest c with G(c) > mu. Keep lo (G(lo) > mu, or lo = image(-inf): nothing found yet) and
-    hi (G(hi) <= mu); each pass evaluates G at NUM_CANDIDATES thresholds in (lo, hi) and keeps
-    the bracket around the change, until hi = lo + 1.
-
-    Returns (crossing value, or -inf if the whole support is head; mass strictly above it).
-    """
-    lo = _order_image(tl.full([], float("-inf"), COMPUTE_DTYPE))
-    hi = _order_image(max_a) + 1
-    mass_hi = tl.zeros([], COMPUTE_DTYPE)
-    steps = (tl.arange(0, NUM_CANDIDATES) + 1).to(tl.uint64)
-    while hi - lo > 1:
-        step = tl.maximum((hi - lo) // (NUM_CANDIDATES + 1), 1)
-        candidates = tl.minimum(lo + step * steps, hi - 1)  # ascending, inside (lo, hi)
-        mass = tl.zeros([NUM_CANDIDATES], COMPUTE_DTYPE)
-        for start in range(0, V, SEARCH_BLOCK):
-            cols = start + tl.arange(0, SEARCH_BLOCK)
-            a, b, support, bad = _load_block(teacher_row, student_row, cols, V, temperature, COMPUTE_DTYPE)
-            p = tl.where(support, tl.exp(_log_prob(a, max_a, log_z_a)), 0.0)
-            at_or_above = _order_image(a)[None, :] >= candidates[:, None]
-            mass += tl.sum(tl.where(at_or_above, p[None, :], 0.0), 1)
-        above = mass > mu  # a prefix of the candidates, since G falls as c rises
-        new_lo = tl.max(tl.where(above, candidates, lo), 0)
-        new_hi = tl.min(tl.where(above, hi, candidates), 0)
-        mass_at_new_hi = tl.max(tl.where(~above & (candidates == new_hi), mass, -1.0), 0)
-        mass_hi = tl.where(new_hi == hi, mass_hi, mass_at_new_hi)
-        lo = new_lo
-        hi = new_hi
-    crossing = _image_value(lo, COMPUTE_DTYPE)
-    return crossing, mass_hi
+def _precedes(values, SIZE: tl.constexpr):
+    """[SIZE, SIZE] bool: entry (i, j) says i comes before j in descending order, ties by position."""
+    position = tl.arange(0, SIZE)
+    greater = values[:, None] > values[None, :]
+    tied_earlier = (values[:, None] == values[None, :]) & (position[:, None] < position[None, :])
+    return greater | tied_earlier
 
 
 @triton.jit
-def _tie_cut(
-    teacher_row,
-    student_row,
-    V,
-    temperature,
-    crossing,  # the crossing token's value
-    ties_in_head,  # how many tokens of that value, lowest indices first, are in the head
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _merge_top(top, x, BLOCK: tl.constexpr, TOPK: tl.constexpr):
+    """Fold a block x into top, the TOPK largest values seen so far (unordered, with multiplicity).
+
+    Each round views x as TOPK groups, moves every group's maximum out of x and keeps the TOPK
+    largest of top and those maxima; rounds go on while x still holds a value above the
+    smallest kept one (for most blocks of a row, none at all).
+    """
+    GROUP: tl.constexpr = BLOCK // TOPK
+    x = tl.reshape(x, [TOPK, GROUP])
+    cols = tl.arange(0, GROUP)[None, :]
+    while tl.max(tl.max(x, 1), 0) > tl.min(top, 0):
+        group_max = tl.max(x, 1)
+        first = tl.min(tl.where(x == group_max[:, None], cols, GROUP), 1)
+        x = tl.where(cols == first[:, None], float("-inf"), x)
+        # Keep the TOPK largest of top and group_max (in that order for ties): rank each among all
+        # 2 TOPK in TOPK x TOPK blocks, and the value of rank r < TOPK goes to slot r.
+        rank_top = tl.sum(_precedes(top, TOPK).to(tl.int32), 0) + tl.sum(
+            (group_max[:, None] > top[None, :]).to(tl.int32), 0)
+        rank_new = tl.sum(_precedes(group_max, TOPK).to(tl.int32), 0) + tl.sum(
+            (top[:, None] >= group_max[None, :]).to(tl.int32), 0)
+        slots = tl.arange(0, TOPK)[None, :]
+        top = tl.sum(tl.where(rank_top[:, None] == slots, top[:, None], 0.0), 0) + tl.sum(
+            tl.where(rank_new[:, None] == slots, group_max[:, None], 0.0), 0)
+    return top
+
+
+@triton.jit
+def _crossing_in_top(top, top_mass, mu, TOPK: tl.constexpr):
+    """Head size and crossing value as far as the TOPK largest teacher logits tell.
+
+    Orders the (unordered) top values descending, ties by slot, without sorting. cum_j is the
+    mass of j and the values before it; the head is the tokens with cum_j <= mu, at least one;
+    the crossing token is the first tail token, at rank head_count, and its value is -inf when
+    it lies past the TOPK.
+    """
+    precedes = _precedes(top, TOPK)
+    running_mass = tl.sum(tl.where(precedes, top_mass[:, None], 0.0), 0) + top_mass  # cum_j
+    rank = tl.sum(precedes.to(tl.int32), 0)
+    head_count = tl.maximum(tl.sum((running_mass <= mu).to(tl.int32), 0), 1)
+    crossing = tl.max(tl.where(rank == head_count, top, float("-inf")), 0)
+    return head_count, crossing
+
+
+@triton.jit
+def _bracket_candidates(lo, hi, C: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """C ascending thresholds in [lo, hi), the last one the largest value below hi.
+
+    Evenly spaced in value while the bracket is wide, in the order image once it is narrow (so
+    that every representable value is reached and the bracket always shrinks).
+    """
+    k = (tl.arange(0, C) + 1).to(tl.uint64)
+    lo_image = _order_image(lo)
+    width = _order_image(hi) - lo_image
+    below_hi = _image_value(lo_image + width - 1, COMPUTE_DTYPE)
+    by_image = _image_value(lo_image + ((width - 1) * k) // C, COMPUTE_DTYPE)
+    f = k.to(COMPUTE_DTYPE) / C
+    # lo (1 - f) + below_hi f: no overflow for any finite ends; exactly below_hi at f = 1.
+    by_value = tl.where(k == C, below_hi, lo * (1.0 - f) + below_hi * f)
+    return tl.where(width <= 64 * (C + 1), by_image, by_value)
+
+
+@triton.jit
+def _bracket_pass(
+    teacher_row, student_row, V, row_max, c, log2_z, lo, hi, read_student,
+    COMPUTE_DTYPE: tl.constexpr, C: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
 ):
-    """One past the index of the ties_in_head-th token (in index order) whose value is crossing."""
+    """One pass over the teacher (and the student only where it has -inf inside the teacher's
+    support): the exact mass G(x) of the tokens >= x for C thresholds x in [lo, hi), and the
+    smallest and largest values present in [lo, hi).
+    """
+    thresholds = _bracket_candidates(lo, hi, C, COMPUTE_DTYPE)
+    mass = tl.zeros([C, SEARCH_BLOCK], COMPUTE_DTYPE)  # lane accumulators, reduced once at the end
+    smallest = tl.full([SEARCH_BLOCK], float("inf"), COMPUTE_DTYPE)
+    largest = tl.full([SEARCH_BLOCK], float("-inf"), COMPUTE_DTYPE)
+    for start in range(0, V, SEARCH_BLOCK):
+        cols = start + tl.arange(0, SEARCH_BLOCK)
+        t = _load(teacher_row, cols, V, COMPUTE_DTYPE)
+        if read_student:
+            t = tl.where(_load(student_row, cols, V, COMPUTE_DTYPE) > float("-inf"), t, float("-inf"))
+        p = tl.exp2(_log2_prob(t, row_max, c, log2_z))  # 0 outside the support
+        inside = (t >= lo) & (t < hi)
+        smallest = tl.minimum(smallest, tl.where(inside, t, float("inf")))
+        largest = tl.maximum(largest, tl.where(inside, t, float("-inf")))
+        mass += tl.where(t[None, :] >= thresholds[:, None], p[None, :], 0.0)
+    return thresholds, tl.sum(mass, 1), tl.min(smallest, 0), tl.max(largest, 0)
+
+
+@triton.jit
+def _ties_in_head(mu, mass_above, tie_mass, limit):
+    """How many tokens of a tied value enter the head after mass_above: the running mass stays <= mu."""
+    count = tl.floor((mu - mass_above) / tie_mass)
+    return tl.minimum(tl.maximum(count, 0.0), limit).to(tl.int32)
+
+
+@triton.jit
+def _buffer_mass_at_or_above(values_ptr, n, threshold, row_max, c, log2_z,
+                             COMPUTE_DTYPE: tl.constexpr, SCAN_BLOCK: tl.constexpr):
+    """Teacher mass of the buffered tokens whose value is >= threshold."""
+    total = tl.zeros([SCAN_BLOCK], COMPUTE_DTYPE)
+    for start in range(0, n, SCAN_BLOCK):
+        i = start + tl.arange(0, SCAN_BLOCK)
+        v = tl.load(values_ptr + i, mask=i < n, other=float("-inf"))
+        total += tl.where(v >= threshold, tl.exp2(_log2_prob(v, row_max, c, log2_z)), 0.0)
+    return tl.sum(total, 0)
+
+
+@triton.jit
+def _place_buffer(
+    values_ptr, gaps_ptr, n, lo, hi, mass_above, mu, row_max, c, log2_z,
+    COMPUTE_DTYPE: tl.constexpr, SCAN_BLOCK: tl.constexpr,
+):
+    """Head gap and head size among the n buffered tokens of the bracket [lo, hi).
+
+    The tokens >= hi (mass mass_above) are head. The crossing value is the largest buffered
+    value v with mass_above + mass(>= v) > mu, found by bisection on the order image; its ties,
+    buffered in index order, enter the head while the running mass stays <= mu.
+    """
+    lo_image = _order_image(lo)
+    hi_image = _order_image(hi)
+    in_bracket = _buffer_mass_at_or_above(values_ptr, n, lo, row_max, c, log2_z, COMPUTE_DTYPE, SCAN_BLOCK)
+    crossing = tl.full([], float("-inf"), COMPUTE_DTYPE)  # everything buffered is head ...
+    mass_gt = mass_above + in_bracket
+    if mass_above > mu:  # ... or, by rounding at mu, nothing is
+        crossing = tl.full([], float("inf"), COMPUTE_DTYPE)
+        mass_gt = mass_above
+    elif mass_above + in_bracket > mu:
+        mass_gt = mass_above  # mass >= value(hi_image), where the test fails
+        while hi_image - lo_image > 1:
+            mid = lo_image + (hi_image - lo_image) // 2
+            mass = mass_above + _buffer_mass_at_or_above(
+                values_ptr, n, _image_value(mid, COMPUTE_DTYPE), row_max, c, log2_z, COMPUTE_DTYPE, SCAN_BLOCK)
+            if mass > mu:
+                lo_image = mid
+            else:
+                hi_image = mid
+                mass_gt = mass
+        crossing = _image_value(lo_image, COMPUTE_DTYPE)
+    tie_mass = tl.exp2(_log2_prob(crossing, row_max, c, log2_z))
+    ties_in_head = _ties_in_head(mu, mass_gt, tie_mass, n)
+    head_gap = tl.zeros([SCAN_BLOCK], COMPUTE_DTYPE)
+    head_size = tl.zeros([SCAN_BLOCK], tl.int32)
     seen = tl.zeros([], tl.int32)
-    cut = tl.zeros([], tl.int32)
+    for start in range(0, n, SCAN_BLOCK):
+        i = start + tl.arange(0, SCAN_BLOCK)
+        v = tl.load(values_ptr + i, mask=i < n, other=float("-inf"))
+        gap = tl.load(gaps_ptr + i, mask=i < n, other=0.0)
+        tie = (v == crossing) & (i < n)
+        rank = seen + tl.cumsum(tie.to(tl.int32), 0)  # the buffer is in index order
+        head = (v > crossing) | (tie & (rank <= ties_in_head))
+        head_gap += tl.where(head, gap, 0.0)
+        head_size += head.to(tl.int32)
+        seen += tl.sum(tie.to(tl.int32), 0)
+    return tl.sum(head_gap, 0), tl.sum(head_size, 0)
+
+
+@triton.jit
+def _block_probabilities(teacher_row, student_row, cols, V, max_t, max_s, c, log2_z_a, log2_z_b,
+                         COMPUTE_DTYPE: tl.constexpr):
+    """t (-inf outside the support), p and q for one block once the normalisers are known."""
+    t = _load(teacher_row, cols, V, COMPUTE_DTYPE)
+    s = _load(student_row, cols, V, COMPUTE_DTYPE)
+    support = (t > float("-inf")) & (s > float("-inf"))
+    t = tl.where(support, t, float("-inf"))
+    p = tl.exp2(_log2_prob(t, max_t, c, log2_z_a))  # 0 outside the support
+    q = tl.exp2(_log2_prob(tl.where(support, s, float("-inf")), max_s, c, log2_z_b))
+    return t, p, q
+
+
+@triton.jit
+def _gap_pass_ranked(
+    teacher_row, student_row, V, max_t, max_s, c, log2_z_a, log2_z_b, crossing, ties_in_head,
+    COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Pass 2 when the crossing value is known: the head is {t > crossing} and the first
+    ties_in_head tokens (in index order) of t == crossing. Returns (total gap, head gap, head size)."""
+    total_gap = tl.zeros([BLOCK // 4], COMPUTE_DTYPE)
+    head_gap = tl.zeros([BLOCK // 4], COMPUTE_DTYPE)
+    head_size = tl.zeros([BLOCK // 4], tl.int32)
+    ties_seen = tl.zeros([], tl.int32)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        a, b, support, bad = _load_block(teacher_row, student_row, cols, V, temperature, COMPUTE_DTYPE)
-        tie = (support & (a == crossing)).to(tl.int32)
-        rank = seen + tl.cumsum(tie, 0)  # 1-based rank of each tie among all ties so far
-        cut = tl.maximum(cut, tl.max(tl.where((tie == 1) & (rank <= ties_in_head), cols + 1, 0), 0))
-        seen += tl.sum(tie, 0)
-    return cut
+        t, p, q = _block_probabilities(teacher_row, student_row, cols, V, max_t, max_s, c, log2_z_a, log2_z_b,
+                                       COMPUTE_DTYPE)
+        gap = tl.abs(p - q)
+        head = t > crossing
+        if ties_seen < ties_in_head:
+            tie = t == crossing
+            n_ties = tl.sum(tie.to(tl.int32), 0)
+            if n_ties > 0:
+                rank = ties_seen + tl.cumsum(tie.to(tl.int32), 0)  # 1-based, in index order
+                head = head | (tie & (rank <= ties_in_head))
+                ties_seen += n_ties
+        total_gap += _lane_sum(gap, BLOCK)
+        head_gap += _lane_sum(tl.where(head, gap, 0.0), BLOCK)
+        head_size += _lane_sum(head.to(tl.int32), BLOCK)
+    return tl.sum(total_gap, 0), tl.sum(head_gap, 0), tl.sum(head_size, 0)
 
 
 @triton.jit
-def _distill_rows_kernel(
+def _gap_pass_with_bracket(
+    teacher_row, student_row, V, max_t, max_s, c, log2_z_a, log2_z_b, lo, hi, buffer_values, buffer_gaps,
+    COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CAPACITY: tl.constexpr,
+):
+    """Pass 2 around a bracket: the tokens t >= hi are head, those of [lo, hi) go to the buffer
+    (value and gap, in index order) to be placed after the pass. Returns (total gap, head gap and
+    head size of t >= hi, their teacher mass, the number of tokens in the bracket)."""
+    total_gap = tl.zeros([BLOCK // 4], COMPUTE_DTYPE)
+    head_gap = tl.zeros([BLOCK // 4], COMPUTE_DTYPE)
+    head_size = tl.zeros([BLOCK // 4], tl.int32)
+    head_mass = tl.zeros([BLOCK // 4], COMPUTE_DTYPE)
+    buffered = tl.zeros([], tl.int32)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        t, p, q = _block_probabilities(teacher_row, student_row, cols, V, max_t, max_s, c, log2_z_a, log2_z_b,
+                                       COMPUTE_DTYPE)
+        gap = tl.abs(p - q)
+        head = t >= hi
+        inside = (t >= lo) & (t < hi)
+        n_inside = tl.sum(inside.to(tl.int32), 0)
+        if n_inside > 0:
+            slot = buffered + tl.cumsum(inside.to(tl.int32), 0) - 1
+            store = inside & (slot < CAPACITY)
+            tl.store(buffer_values + slot, t, mask=store)
+            tl.store(buffer_gaps + slot, gap, mask=store)
+            buffered += n_inside
+        total_gap += _lane_sum(gap, BLOCK)
+        head_gap += _lane_sum(tl.where(head, gap, 0.0), BLOCK)
+        head_size += _lane_sum(head.to(tl.int32), BLOCK)
+        head_mass += _lane_sum(tl.where(head, p, 0.0), BLOCK)
+    return tl.sum(total_gap, 0), tl.sum(head_gap, 0), tl.sum(head_size, 0), tl.sum(head_mass, 0), buffered
+
+
+# The per-row record that each kernel leaves for the next.
+# compute dtype: max t, max s, log2 Z_a, log2 Z_b, FKL, RKL, crossing (or the bracket's lo), hi,
+# head gap, tail gap
+ROW_VALUES: tl.constexpr = tl.constexpr(10)
+# int32: split path (PATH_* + 8 x bracket passes; -1 for an invalid row), ties in head, head size
+ROW_CODES: tl.constexpr = tl.constexpr(3)
+
+
+@triton.jit
+def _row_statistics_kernel(
     student_ptr,  # *{fp16,bf16,fp32,fp64} student logits; row i starts at student_row_offsets[i]
     teacher_ptr,  # *{fp16,bf16,fp32,fp64} teacher logits; row i starts at teacher_row_offsets[i]
     student_row_offsets_ptr,  # *int64 [N] element offset of each student row
     teacher_row_offsets_ptr,  # *int64 [N] element offset of each teacher row
     keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
+    params_ptr,  # *compute dtype [4]: gradient scale, mu, temperature, log2(e) / T
+    row_values_ptr,  # *compute dtype [N, ROW_VALUES] written for kept rows: 0-5
+    row_codes_ptr,  # *int32 [N, ROW_CODES] written for kept rows: (-1 if invalid else 0, student has -inf)
+    row_top_ptr,  # *compute dtype [N, TOPK] written for kept rows when SPLIT
+    n_rows,
+    V,
+    SPLIT: tl.constexpr,  # keep the TOPK largest teacher logits (for the head/tail split)
+    HAS_KEEP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,  # tl.float32 or tl.float64
+    STUDENT_ALIGN: tl.constexpr,  # every student row offset is a multiple of this (16 bytes, or 1)
+    TEACHER_ALIGN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TOPK: tl.constexpr,
+):
+    """Pass 1 of each kept row: normalisers, FKL, RKL, invalid input and the top TOPK."""
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
+    for turn in range(0, tl.cdiv(n_rows - program, programs)):
+        row = program.to(tl.int64) + turn * programs  # this program's rows: program, + programs, ...
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + row).to(tl.int1)
+        else:
+            keep = row >= 0
+        if keep:
+            c = tl.load(params_ptr + 3)  # log2(e) / T: a in base-2 units is t * c
+            student_row, teacher_row = _row_pointers(
+                student_ptr, teacher_ptr, student_row_offsets_ptr, teacher_row_offsets_ptr, row,
+                STUDENT_ALIGN, TEACHER_ALIGN,
+            )
+            # ---- pass 1: base-2 logsumexp of a and b, FKL and RKL, invalid input, the top TOPK ----
+            # With x_a = (t - max t) log2(e) / T and x_b likewise, d = x_a - x_b, S_p = sum 2^x_a d
+            # and S_q = sum 2^x_b d (lane by lane, rescaled when a maximum moves):
+            # FKL = ln2 (S_p / Z_a - L), RKL = ln2 (L - S_q / Z_b), L = log2 Z_a - log2 Z_b.
+            max_t = tl.full([], float("-inf"), COMPUTE_DTYPE)
+            max_s = tl.full([], float("-inf"), COMPUTE_DTYPE)
+            z_a = tl.zeros([BLOCK // 4], COMPUTE_DTYPE)
+            z_b = tl.zeros([BLOCK // 4], COMPUTE_DTYPE)
+            s_p = tl.zeros([BLOCK // 4], COMPUTE_DTYPE)
+            s_q = tl.zeros([BLOCK // 4], COMPUTE_DTYPE)
+            flags = tl.zeros([BLOCK // 4], tl.int32)  # bit 0: NaN or +inf; bit 1: student -inf where the teacher is not
+            top = tl.full([TOPK], float("-inf"), COMPUTE_DTYPE)
+            for start in range(0, V, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                t = _load(teacher_row, cols, V, COMPUTE_DTYPE)
+                s = _load(student_row, cols, V, COMPUTE_DTYPE)
+                bad = (~(t < float("inf")) | ~(s < float("inf"))).to(tl.int32)
+                student_only_minus_inf = ((s == float("-inf")) & (t > float("-inf"))).to(tl.int32)
+                flags |= tl.reduce(tl.reshape(bad | (student_only_minus_inf << 1), [BLOCK // 4, 4]), 1, _or)
+                support = (t > float("-inf")) & (s > float("-inf"))
+                t = tl.where(support, t, float("-inf"))
+                s = tl.where(support, s, float("-inf"))
+                block_max_t = tl.max(t, 0)
+                new_max_t = tl.maximum(max_t, block_max_t)
+                new_max_s = tl.maximum(max_s, tl.max(s, 0))
+                if (new_max_t != max_t) | (new_max_s != max_s):
+                    if max_t > float("-inf"):
+                        # Earlier terms: weights scale by 2^(old - new), d shifts by the change.
+                        scale_a = tl.exp2((max_t - new_max_t) * c)
+                        scale_b = tl.exp2((max_s - new_max_s) * c)
+                        shift = ((max_t - new_max_t) - (max_s - new_max_s)) * c
+                        s_p = scale_a * (s_p + shift * z_a)
+                        s_q = scale_b * (s_q + shift * z_b)
+                        z_a = scale_a * z_a
+                        z_b = scale_b * z_b
+                    max_t = new_max_t
+                    max_s = new_max_s
+                # Before any support is seen the maxima are -inf and so is every t and s here.
+                x_a = (t - tl.where(max_t > float("-inf"), max_t, 0.0)) * c
+                x_b = (s - tl.where(max_s > float("-inf"), max_s, 0.0)) * c
+                e_a = tl.exp2(x_a)  # 0 outside the support
+                e_b = tl.exp2(x_b)
+                d = tl.where(support, x_a - x_b, 0.0)
+                z_a += _lane_sum(e_a, BLOCK)
+                z_b += _lane_sum(e_b, BLOCK)
+                s_p += _lane_sum(e_a * d, BLOCK)
+                s_q += _lane_sum(e_b * d, BLOCK)
+                if SPLIT:
+                    if block_max_t > tl.min(top, 0):
+                        top = _merge_top(top, t, BLOCK, TOPK)
+            row_flags = tl.reduce(flags, 0, _or)
+            sum_a = tl.sum(z_a, 0)
+            sum_b = tl.sum(z_b, 0)
+            log2_z_a = tl.log2(sum_a)
+            log2_z_b = tl.log2(sum_b)
+            log2_ratio = log2_z_a - log2_z_b
+            fkl = LN2 * (tl.sum(s_p, 0) / sum_a - log2_ratio)
+            rkl = LN2 * (log2_ratio - tl.sum(s_q, 0) / sum_b)
+            values = row_values_ptr + row * ROW_VALUES
+            tl.store(values + 0, max_t)
+            tl.store(values + 1, max_s)
+            tl.store(values + 2, log2_z_a)
+            tl.store(values + 3, log2_z_b)
+            tl.store(values + 4, fkl)
+            tl.store(values + 5, rkl)
+            invalid = ((row_flags & 1) != 0) | (max_t == float("-inf"))
+            tl.store(row_codes_ptr + row * ROW_CODES, tl.where(invalid, -1, PATH_NONE))
+            tl.store(row_codes_ptr + row * ROW_CODES + 1, (row_flags >> 1) & 1)  # the split kernel reads the student too
+            if SPLIT:
+                tl.store(row_top_ptr + row * TOPK + tl.arange(0, TOPK), top)
+
+
+@triton.jit
+def _split_kernel(
+    student_ptr,  # *{fp16,bf16,fp32,fp64} student logits, as for _row_statistics_kernel
+    teacher_ptr,  # *{fp16,bf16,fp32,fp64} teacher logits
+    student_row_offsets_ptr,  # *int64 [N]
+    teacher_row_offsets_ptr,  # *int64 [N]
+    keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
+    params_ptr,  # *compute dtype [4]: gradient scale, mu, temperature, log2(e) / T
+    row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 0-3, writes 6-7
+    row_codes_ptr,  # *int32 [N, ROW_CODES]: reads (invalid, student has -inf), writes (path, ties in head)
+    row_top_ptr,  # *compute dtype [N, TOPK] the largest teacher logits of each row
+    n_rows,
+    V,
+    HAS_KEEP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    STUDENT_ALIGN: tl.constexpr,
+    TEACHER_ALIGN: tl.constexpr,
+    SEARCH_BLOCK: tl.constexpr,
+    TOPK: tl.constexpr,
+    NUM_CANDIDATES: tl.constexpr,
+    CAPACITY: tl.constexpr,
+):
+    """The head/tail split of each kept, valid row: head = {t > crossing} plus the first
+    ties_in_head tokens of t == crossing (index order), or the tokens >= hi plus those of the
+    bracket [lo, hi) that the gradient kernel places after pass 2."""
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
+    for turn in range(0, tl.cdiv(n_rows - program, programs)):
+        row = program.to(tl.int64) + turn * programs
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + row).to(tl.int1)
+        else:
+            keep = row >= 0
+        codes = row_codes_ptr + row * ROW_CODES
+        if keep:
+            keep = tl.load(codes) >= 0  # a valid row
+        if keep:
+            mu = tl.load(params_ptr + 1)
+            c = tl.load(params_ptr + 3)
+            values = row_values_ptr + row * ROW_VALUES
+            max_t = tl.load(values + 0)
+            log2_z_a = tl.load(values + 2)
+            crossing = tl.full([], float("-inf"), COMPUTE_DTYPE)  # or the bracket's lo
+            hi = tl.zeros([], COMPUTE_DTYPE)
+            ties_in_head = tl.zeros([], tl.int32)
+            passes = tl.zeros([], tl.int32)
+            if mu >= 1.0:
+                path = tl.full([], PATH_ALL, tl.int32)  # crossing -inf: every support token is head
+            else:
+                top = tl.load(row_top_ptr + row * TOPK + tl.arange(0, TOPK))
+                top_mass = tl.exp2(_log2_prob(top, max_t, c, log2_z_a))
+                head_count, top_crossing = _crossing_in_top(top, top_mass, mu, TOPK)
+                smallest_top = tl.min(top, 0)
+                if (head_count < TOPK) | (smallest_top == float("-inf")):
+                    path = tl.full([], PATH_TOP, tl.int32)
+                    crossing = top_crossing
+                    ties_in_head = tl.where(
+                        crossing == float("-inf"), 0, head_count - tl.sum((top > crossing).to(tl.int32), 0)
+                    )
+                else:
+                    # The head holds at least TOPK tokens, so the crossing c* is <= the smallest top
+                    # value, and since the tail (mass >= 1 - mu) has fewer than V tokens, each at
+                    # most p(c*): p(c*) >= (1 - mu) / V.
+                    student_row, teacher_row = _row_pointers(
+                        student_ptr, teacher_ptr, student_row_offsets_ptr, teacher_row_offsets_ptr, row,
+                        STUDENT_ALIGN, TEACHER_ALIGN,
+                    )
+                    lo = max_t + (log2_z_a + tl.log2((1.0 - mu) / V) - 2.0) / c
+                    hi = _image_value(_order_image(smallest_top) + 1, COMPUTE_DTYPE)
+                    mass_hi = tl.sum(tl.where(top > smallest_top, top_mass, 0.0), 0)  # G(hi), exact
+                    path, crossing, hi, mass_hi, passes = _search_bracket(
+                        teacher_row, student_row, V, max_t, c, log2_z_a, mu, lo, hi, mass_hi,
+                        tl.load(codes + 1) != 0, COMPUTE_DTYPE, NUM_CANDIDATES, SEARCH_BLOCK, CAPACITY,
+                    )
+                    if path == PATH_TIES:
+                        tie_mass = tl.exp2(_log2_prob(crossing, max_t, c, log2_z_a))
+                        ties_in_head = _ties_in_head(mu, mass_hi, tie_mass, V)
+            tl.store(values + 6, crossing)
+            tl.store(values + 7, hi)
+            tl.store(codes, path + 8 * passes)
+            tl.store(codes + 1, ties_in_head)
+
+
+@triton.jit
+def _search_bracket(
+    teacher_row, student_row, V, max_t, c, log2_z_a, mu, lo, hi, mass_hi, read_student,
+    COMPUTE_DTYPE: tl.constexpr, NUM_CANDIDATES: tl.constexpr, SEARCH_BLOCK: tl.constexpr, CAPACITY: tl.constexpr,
+):
+    """Bracket passes over [lo, hi), G(lo) > mu >= G(hi) = mass_hi, until the bracket holds at
+    most CAPACITY tokens (PATH_BUFFER) or a single value (PATH_TIES, that value the crossing).
+
+    Returns (path, crossing value for PATH_TIES or lo for PATH_BUFFER, hi, G(hi), passes).
+    """
+    path = tl.full([], PATH_SEARCHING, tl.int32)
+    crossing = lo
+    mass_lo = tl.zeros([], COMPUTE_DTYPE) + 1.0  # G(lo): only its bound 1 is known
+    passes = tl.zeros([], tl.int32)
+    while path == PATH_SEARCHING:
+        thresholds, mass, smallest, largest = _bracket_pass(
+            teacher_row, student_row, V, max_t, c, log2_z_a, lo, hi, read_student,
+            COMPUTE_DTYPE, NUM_CANDIDATES, SEARCH_BLOCK,
+        )
+        passes += 1
+        if smallest == largest:
+            # [lo, hi) holds one value: it is the crossing, and G(> it) = G(hi).
+            path = tl.full([], PATH_TIES, tl.int32)
+            crossing = smallest
+        else:
+            above = mass > mu
+            lo = tl.max(tl.where(above, thresholds, lo), 0)
+            mass_lo = tl.min(tl.where(above, mass, mass_lo), 0)
+            hi = tl.min(tl.where(above, hi, thresholds), 0)
+            mass_hi = tl.max(tl.where(above, mass_hi, mass), 0)
+            crossing = lo
+            # Every token of [lo, hi) has mass >= p(lo): a bound on their count.
+            p_lo = tl.exp2(_log2_prob(lo, max_t, c, log2_z_a))
+            if (mass_lo - mass_hi) <= 0.99 * CAPACITY * p_lo:
+                path = tl.full([], PATH_BUFFER, tl.int32)
+            elif _order_image(hi) - _order_image(lo) <= 1:
+                path = tl.full([], PATH_TIES, tl.int32)
+    return path, crossing, hi, mass_hi, passes
+
+
+@triton.jit
+def _row_pointers(student_ptr, teacher_ptr, student_row_offsets_ptr, teacher_row_offsets_ptr, row,
+                  STUDENT_ALIGN: tl.constexpr, TEACHER_ALIGN: tl.constexpr):
+    """The row's first student and teacher logits, with the alignment the host checked."""
+    student_offset = tl.load(student_row_offsets_ptr + row)
+    teacher_offset = tl.load(teacher_row_offsets_ptr + row)
+    if STUDENT_ALIGN > 1:
+        student_offset = tl.multiple_of(student_offset, STUDENT_ALIGN)
+    if TEACHER_ALIGN > 1:
+        teacher_offset = tl.multiple_of(teacher_offset, TEACHER_ALIGN)
+    return student_ptr + student_offset, teacher_ptr + teacher_offset
+
+
+@triton.jit
+def _gap_kernel(
+    student_ptr,  # *{fp16,bf16,fp32,fp64} student logits, as for _row_statistics_kernel
+    teacher_ptr,  # *{fp16,bf16,fp32,fp64} teacher logits
+    student_row_offsets_ptr,  # *int64 [N]
+    teacher_row_offsets_ptr,  # *int64 [N]
+    keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
+    params_ptr,  # *compute dtype [4]: gradient scale, mu, temperature, log2(e) / T
+    row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 0-3 and 6-7, writes 8-9
+    row_codes_ptr,  # *int32 [N, ROW_CODES]: reads (path, ties in head), writes the head size
+    buffer_values_ptr,  # *compute dtype [programs, CAPACITY] a bracket's teacher logits, in index order (scratch)
+    buffer_gaps_ptr,  # *compute dtype [programs, CAPACITY] their |p - q| (scratch)
+    n_rows,
+    V,
+    HAS_KEEP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    STUDENT_ALIGN: tl.constexpr,
+    TEACHER_ALIGN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+    CAPACITY: tl.constexpr,
+):
+    """Pass 2 of each kept, valid row: the gaps |p - q| over the head and the tail, and the head size."""
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
+    buffer_values = buffer_values_ptr + program.to(tl.int64) * CAPACITY
+    buffer_gaps = buffer_gaps_ptr + program.to(tl.int64) * CAPACITY
+    for turn in range(0, tl.cdiv(n_rows - program, programs)):
+        row = program.to(tl.int64) + turn * programs
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + row).to(tl.int1)
+        else:
+            keep = row >= 0
+        codes = row_codes_ptr + row * ROW_CODES
+        if keep:
+            keep = tl.load(codes) >= 0  # a valid row
+        if keep:
+            mu = tl.load(params_ptr + 1)
+            c = tl.load(params_ptr + 3)
+            student_row, teacher_row = _row_pointers(
+                student_ptr, teacher_ptr, student_row_offsets_ptr, teacher_row_offsets_ptr, row,
+                STUDENT_ALIGN, TEACHER_ALIGN,
+            )
+            values = row_values_ptr + row * ROW_VALUES
+            max_t = tl.load(values + 0)
+            max_s = tl.load(values + 1)
+            log2_z_a = tl.load(values + 2)
+            log2_z_b = tl.load(values + 3)
+            crossing = tl.load(values + 6)
+            hi = tl.load(values + 7)
+            if tl.load(codes) % 8 == PATH_BUFFER:
+                lo = crossing
+                total_gap, head_gap, head_size, mass_hi, buffered = _gap_pass_with_bracket(
+                    teacher_row, student_row, V, max_t, max_s, c, log2_z_a, log2_z_b, lo, hi,
+                    buffer_values, buffer_gaps, COMPUTE_DTYPE, BLOCK, CAPACITY,
+                )
+                bracket_gap, bracket_head = _place_buffer(
+                    buffer_values, buffer_gaps, tl.minimum(buffered, CAPACITY), lo, hi, mass_hi, mu,
+                    max_t, c, log2_z_a, COMPUTE_DTYPE, SCAN_BLOCK,
+                )
+                head_gap += bracket_gap
+                head_size += bracket_head
+            else:
+                total_gap, head_gap, head_size = _gap_pass_ranked(
+                    teacher_row, student_row, V, max_t, max_s, c, log2_z_a, log2_z_b, crossing,
+                    tl.load(codes + 1), COMPUTE_DTYPE, BLOCK,
+                )
+            tl.store(values + 8, head_gap)
+            tl.store(values + 9, total_gap - head_gap)
+            tl.store(codes + 2, head_size)
+
+
+@triton.jit
+def _gradient_kernel(
+    student_ptr,  # *{fp16,bf16,fp32,fp64} student logits, as for _row_statistics_kernel
+    teacher_ptr,  # *{fp16,bf16,fp32,fp64} teacher logits
+    student_row_offsets_ptr,  # *int64 [N]
+    teacher_row_offsets_ptr,  # *int64 [N]
+    keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
     grad_ptr,  # *student dtype [N, V] contiguous gradient (written only when COMPUTE_GRAD)
-    params_ptr,  # *compute dtype [3]: gradient scale (the reduction's factor), mu, temperature
+    params_ptr,  # *compute dtype [4]: gradient scale (the reduction's factor), mu, temperature, log2(e) / T
+    row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 0-5, and 8-9 when SPLIT
+    row_codes_ptr,  # *int32 [N, ROW_CODES]: reads the path (-1: invalid), and the head size when SPLIT
     loss_ptr,  # *compute dtype [N] per-row loss
     stats_ptr,  # *compute dtype [6, N] fkl, rkl, head_gap, tail_gap, head_weight, tail_weight
     head_size_ptr,  # *int64 [N] number of head tokens
+    split_path_ptr,  # *int32 [N] how the split was found: PATH_* + 8 x bracket passes
     n_rows,
     V,
     MODE: tl.constexpr,  # MODE_AKL, MODE_FKL or MODE_RKL
-    SPLIT: tl.constexpr,  # compute the head/tail split (always for AKL)
+    SPLIT: tl.constexpr,
     HAS_KEEP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,  # tl.float32 or tl.float64
+    COMPUTE_DTYPE: tl.constexpr,
+    STUDENT_ALIGN: tl.constexpr,
+    TEACHER_ALIGN: tl.constexpr,
     BLOCK: tl.constexpr,
-    TOPK: tl.constexpr,
-    NUM_CANDIDATES: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    teacher_row = teacher_ptr + tl.load(teacher_row_offsets_ptr + row)
-    student_row = student_ptr + tl.load(student_row_offsets_ptr + row)
-    mu = tl.load(params_ptr + 1)
-    temperature = tl.load(params_ptr + 2)
-    if HAS_KEEP:
-        keep = tl.load(keep_ptr + row).to(tl.int1)
-    else:
-        keep = row >= 0
+    """The weights, the loss and statistics, and pass 3 (the gradient) of each row."""
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
     zero = tl.zeros([], COMPUTE_DTYPE)
-
-    if keep:
-        # ---- pass 1: logsumexp of both rows, invalid inputs, the teacher's TOPK values ----
-        max_a = tl.full([], float("-inf"), COMPUTE_DTYPE)
-        max_b = tl.full([], float("-inf"), COMPUTE_DTYPE)
-        sum_a = zero
-        sum_b = zero
-        n_bad = tl.zeros([], tl.int32)
-        n_support = tl.zeros([], tl.int32)
-        top = tl.full([TOPK], float("-inf"), COMPUTE_DTYPE)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            a, b, support, bad = _load_block(teacher_row, student_row, cols, V, temperature, COMPUTE_DTYPE)
-            n_bad += tl.sum(bad.to(tl.int32), 0)
-            n_support += tl.sum(support.to(tl.int32), 0)
-            max_a, sum_a = _online_logsumexp(max_a, sum_a, a)
-            max_b, sum_b = _online_logsumexp(max_b, sum_b, b)
-            if SPLIT:
-                top = _merge_top(top, a, BLOCK, TOPK)
-        # log p = (a - max_a) - log_z_a: the small normaliser is subtracted after the shift,
-        # which keeps log p accurate for logits of large magnitude.
-        log_z_a = tl.log(sum_a)
-        log_z_b = tl.log(sum_b)
-        invalid = (n_bad > 0) | (n_support == 0)
-
-        # ---- the head/tail split: head = {a > crossing} + the first tie_cut tokens equal to it ----
-        crossing = tl.full([], float("-inf"), COMPUTE_DTYPE)
-        tie_cut = tl.zeros([], tl.int32)
-        if SPLIT:
-            if not invalid:
-                head_count, crossing = _crossing_in_top(top, max_a, log_z_a, mu, TOPK)
-                ties_in_head = tl.where(
-                    crossing == float("-inf"), 0, head_count - tl.sum((top > crossing).to(tl.int32), 0)
-                )
-                if (head_count == TOPK) & (tl.min(top, 0) > float("-inf")):
-                    # The head holds at least TOPK tokens: find the crossing exactly.
-                    crossing, mass_above = _search_crossing(
-                        teacher_row, student_row, V, temperature, mu, max_a, log_z_a,
-                        COMPUTE_DTYPE, NUM_CANDIDATES, BLOCK // NUM_CANDIDATES,
-                    )
-                    # Ties of the crossing value enter the head while the running mass stays <= mu;
-                    # the first token of the order is always in the head.
-                    tie_mass = tl.exp(_log_prob(crossing, max_a, log_z_a))
-                    ties_in_head = tl.floor((mu - mass_above) / tie_mass)
-                    ties_in_head = tl.minimum(tl.maximum(ties_in_head, 0.0), n_support).to(tl.int32)
-                    if crossing == max_a:
-                        ties_in_head = tl.maximum(ties_in_head, 1)
-                    if crossing == float("-inf"):
-                        ties_in_head = ties_in_head * 0
-                if ties_in_head > 0:
-                    tie_cut = _tie_cut(
-                        teacher_row, student_row, V, temperature, crossing, ties_in_head,
-                        COMPUTE_DTYPE, BLOCK,
-                    )
-
-        # ---- pass 2: FKL, RKL, gaps, head size ----
-        fkl = zero
-        rkl = zero
-        head_gap = zero
-        tail_gap = zero
-        head_size = tl.zeros([], tl.int32)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            a, support, p, q, d = _block_probabilities(
-                teacher_row, student_row, cols, V, temperature, max_a, log_z_a, max_b, log_z_b, COMPUTE_DTYPE
-            )
-            fkl += tl.sum(p * d, 0)  # FKL = sum p (log p - log q)
-            rkl -= tl.sum(q * d, 0)  # RKL = sum q (log q - log p)
-            if SPLIT:
-                head = support & ((a > crossing) | ((a == crossing) & (cols < tie_cut)))
-                gap = tl.abs(p - q)
-                head_gap += tl.sum(tl.where(head, gap, 0.0), 0)
-                tail_gap += tl.sum(tl.where(head, 0.0, gap), 0)
-                head_size += tl.sum(head.to(tl.int32), 0)
-
-        if MODE == MODE_AKL:
-            # w = gap / (head_gap + tail_gap); 0.5 each when q == p on the support.
-            total_gap = head_gap + tail_gap
-            tied = total_gap == 0
-            total_gap = tl.where(tied, 1.0, total_gap)
-            head_weight = tl.where(tied, 0.5, head_gap / total_gap)
-            tail_weight = tl.where(tied, 0.5, tail_gap / total_gap)
-            loss = head_weight * fkl + tail_weight * rkl
-        elif MODE == MODE_FKL:
-            head_weight = zero + 1.0
-            tail_weight = zero
-            loss = fkl
+    for turn in range(0, tl.cdiv(n_rows - program, programs)):
+        row = program.to(tl.int64) + turn * programs
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + row).to(tl.int1)
         else:
-            head_weight = zero
-            tail_weight = zero + 1.0
-            loss = rkl
-        loss = tl.where(invalid, float("nan"), loss)
-
-        # ---- pass 3: d loss / d s_j = (1/T) [w_h (q - p) + w_t q (log q - log p - RKL)] ----
-        if COMPUTE_GRAD:
-            grad_row = grad_ptr + row * V
-            scale = tl.load(params_ptr) / temperature
-            head_factor = head_weight * scale
-            tail_factor = tail_weight * scale
-            for start in range(0, V, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                a, support, p, q, d = _block_probabilities(
-                    teacher_row, student_row, cols, V, temperature, max_a, log_z_a, max_b, log_z_b, COMPUTE_DTYPE
-                )
-                # q (log q - log p - RKL) = -q (d + RKL); 0 outside the support, where p = q = 0.
-                g = head_factor * (q - p) - tail_factor * q * (d + rkl)
-                g = tl.where(invalid, float("nan"), g)
-                tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
-    else:
-        # An ignored row: nothing is read; loss, statistics and gradient are exactly 0.
+            keep = row >= 0
         loss = zero
         fkl = zero
         rkl = zero
@@ -394,30 +729,110 @@ def _distill_rows_kernel(
         head_weight = zero
         tail_weight = zero
         head_size = tl.zeros([], tl.int32)
-        if COMPUTE_GRAD:
+        path = tl.zeros([], tl.int32)
+        if keep:
+            values = row_values_ptr + row * ROW_VALUES
+            codes = row_codes_ptr + row * ROW_CODES
+            fkl = tl.load(values + 4)
+            rkl = tl.load(values + 5)
+            path = tl.load(codes)
+            invalid = path < 0
+            if SPLIT and not invalid:
+                head_gap = tl.load(values + 8)
+                tail_gap = tl.load(values + 9)
+                head_size = tl.load(codes + 2)
+
+            if MODE == MODE_AKL:
+                # w = gap / (head_gap + tail_gap); 0.5 each when q == p on the support.
+                total_gap = head_gap + tail_gap
+                tied = total_gap == 0
+                total_gap = tl.where(tied, 1.0, total_gap)
+                head_weight = tl.where(tied, 0.5, head_gap / total_gap)
+                tail_weight = tl.where(tied, 0.5, tail_gap / total_gap)
+                loss = head_weight * fkl + tail_weight * rkl
+            elif MODE == MODE_FKL:
+                head_weight = zero + 1.0
+                tail_weight = zero
+                loss = fkl
+            else:
+                head_weight = zero
+                tail_weight = zero + 1.0
+                loss = rkl
+            if invalid:
+                # NaN loss and statistics, head size 0 (docs/semantics.md, invalid rows).
+                loss = zero + float("nan")
+                fkl = loss
+                rkl = loss
+                head_gap = loss
+                tail_gap = loss
+                head_weight = loss
+                tail_weight = loss
+                head_size = head_size * 0
+                path = path * 0
+
+            # ---- pass 3: d loss / d s_j = (1/T) [w_h (q - p) + w_t q (log q - log p - RKL)] ----
+            if COMPUTE_GRAD:
+                student_row, teacher_row = _row_pointers(
+                    student_ptr, teacher_ptr, student_row_offsets_ptr, teacher_row_offsets_ptr, row,
+                    STUDENT_ALIGN, TEACHER_ALIGN,
+                )
+                max_t = tl.load(values + 0)
+                max_s = tl.load(values + 1)
+                log2_z_a = tl.load(values + 2)
+                log2_z_b = tl.load(values + 3)
+                c = tl.load(params_ptr + 3)
+                scale = tl.load(params_ptr) / tl.load(params_ptr + 2)  # grad scale / T
+                head_factor = head_weight * scale
+                tail_factor = tail_weight * scale
+                grad_row = grad_ptr + row * V
+                for start in range(0, V, BLOCK):
+                    cols = start + tl.arange(0, BLOCK)
+                    t = _load(teacher_row, cols, V, COMPUTE_DTYPE)
+                    s = _load(student_row, cols, V, COMPUTE_DTYPE)
+                    log2_p = _log2_prob(t, max_t, c, log2_z_a)
+                    log2_q = _log2_prob(s, max_s, c, log2_z_b)
+                    q = tl.exp2(log2_q)
+                    if MODE == MODE_RKL:
+                        g = -tail_factor * q * (LN2 * (log2_p - log2_q) + rkl)
+                    else:
+                        g = head_factor * (q - tl.exp2(log2_p))
+                        if MODE == MODE_AKL:
+                            # q (log q - log p - RKL) = -q (d + RKL), d = log p - log q
+                            g -= tail_factor * q * (LN2 * (log2_p - log2_q) + rkl)
+                    # 0 outside the support (where the formula meets inf - inf); NaN for invalid rows.
+                    g = tl.where((t > float("-inf")) & (s > float("-inf")), g, 0.0)
+                    g = tl.where(invalid, float("nan"), g)
+                    tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+        elif COMPUTE_GRAD:
+            # An ignored row: nothing is read; loss, statistics and gradient are exactly 0.
             grad_row = grad_ptr + row * V
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 tl.store(grad_row + cols, tl.zeros([BLOCK], grad_ptr.dtype.element_ty), mask=cols < V)
 
-    tl.store(loss_ptr + row, loss)
-    tl.store(stats_ptr + 0 * n_rows + row, fkl)
-    tl.store(stats_ptr + 1 * n_rows + row, rkl)
-    tl.store(stats_ptr + 2 * n_rows + row, head_gap)
-    tl.store(stats_ptr + 3 * n_rows + row, tail_gap)
-    tl.store(stats_ptr + 4 * n_rows + row, head_weight)
-    tl.store(stats_ptr + 5 * n_rows + row, tail_weight)
-    tl.store(head_size_ptr + row, head_size.to(tl.int64))
+        tl.store(loss_ptr + row, loss)
+        tl.store(stats_ptr + 0 * n_rows + row, fkl)
+        tl.store(stats_ptr + 1 * n_rows + row, rkl)
+        tl.store(stats_ptr + 2 * n_rows + row, head_gap)
+        tl.store(stats_ptr + 3 * n_rows + row, tail_gap)
+        tl.store(stats_ptr + 4 * n_rows + row, head_weight)
+        tl.store(stats_ptr + 5 * n_rows + row, tail_weight)
+        tl.store(head_size_ptr + row, head_size.to(tl.int64))
+        tl.store(split_path_ptr + row, path)
 
 
-def block_size(vocab: int, dtype: torch.dtype) -> int:
-    """Columns per block: the whole row when it is small, else 4096 (2048 for float64)."""
-    largest = 2048 if dtype == torch.float64 else 4096
-    return min(largest, max(2 * TOPK, NUM_CANDIDATES, triton.next_power_of_2(vocab)))
+def block_size(vocab: int) -> int:
+    """Columns per block of the streaming passes: the whole row when it is small, else MAX_BLOCK."""
+    return min(MAX_BLOCK, max(2 * TOPK, triton.next_power_of_2(vocab)))
+
+
+def search_block_size(block: int) -> int:
+    return min(block, MAX_SEARCH_BLOCK)
 
 
 def num_warps(block: int) -> int:
-    return 4 if block <= 1024 else 8
+    """8 columns per thread (16-byte loads of 16-bit logits), from 1 to 8 warps."""
+    return max(1, min(8, block // 256))
 
 
 def row_offsets(x: torch.Tensor) -> torch.Tensor:
@@ -428,11 +843,29 @@ def row_offsets(x: torch.Tensor) -> torch.Tensor:
     return offsets.reshape(-1)
 
 
+def row_alignment(x: torch.Tensor) -> int:
+    """Elements in 16 bytes if every row of x starts on a 16-byte boundary (vector loads), else 1."""
+    per_vector = 16 // x.element_size()
+    aligned = x.data_ptr() % 16 == 0 and all(
+        (stride * x.element_size()) % 16 == 0 for size, stride in zip(x.shape[:-1], x.stride()[:-1]) if size > 1
+    )
+    return per_vector if aligned and per_vector > 1 else 1
+
+
+@functools.cache
+def _program_slots(device: torch.device) -> int:
+    """How many programs the persistent grid runs at once on `device`."""
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter runs programs one after another; several still exercise the row loop
+
+
 def _params(grad_scale, config, dtype):
     """The kernel's runtime scalars as one tensor of the compute dtype, exact in float64."""
-    mu = torch.full((), config.mu, dtype=dtype, device=grad_scale.device)
-    temperature = torch.full((), config.temperature, dtype=dtype, device=grad_scale.device)
-    return torch.stack((grad_scale.to(dtype), mu, temperature))
+    values = torch.tensor(
+        [config.mu, config.temperature, math.log2(math.e) / config.temperature], dtype=dtype, device=grad_scale.device
+    )
+    return torch.cat((grad_scale.to(dtype).reshape(1), values))
 
 
 def triton_row_losses(
@@ -462,34 +895,44 @@ def triton_row_losses(
     loss = torch.empty(n_rows, dtype=dtype, device=device)
     stats = torch.empty(len(STATS_FIELDS), n_rows, dtype=dtype, device=device)
     head_size = torch.empty(n_rows, dtype=torch.int64, device=device)
+    split_path = torch.empty(n_rows, dtype=torch.int32, device=device)
     grad = None
     if compute_grad:
         grad = torch.empty(student.shape, dtype=student.dtype, device=device) if grad_out is None else grad_out
     if n_rows == 0:
-        return RowLosses(loss, stats, head_size, grad)
+        return RowLosses(loss, stats, head_size, grad, split_path)
 
-    block = block_size(vocab, dtype)
-    _distill_rows_kernel[(n_rows,)](
-        student,
-        teacher,
-        row_offsets(student),
-        row_offsets(teacher),
-        keep,
-        grad,
-        _params(grad_scale, config, dtype),
-        loss,
-        stats,
-        head_size,
-        n_rows,
-        vocab,
-        MODE=int(config.mode),
-        SPLIT=config.split,
-        HAS_KEEP=keep is not None,
-        COMPUTE_GRAD=compute_grad,
-        COMPUTE_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-        BLOCK=block,
-        TOPK=TOPK,
-        NUM_CANDIDATES=NUM_CANDIDATES,
-        num_warps=num_warps(block),
+    programs = min(n_rows, _program_slots(device))
+    block = block_size(vocab)
+    row_values = torch.empty(n_rows, ROW_VALUES, dtype=dtype, device=device)
+    row_codes = torch.empty(n_rows, ROW_CODES, dtype=torch.int32, device=device)
+    row_top = torch.empty(n_rows if config.split else 0, TOPK, dtype=dtype, device=device)
+    # The bracket buffer: scratch for the rows of each program (never read before written).
+    buffer_values = torch.empty(programs if config.split else 0, CAPACITY, dtype=dtype, device=device)
+    buffer_gaps = torch.empty_like(buffer_values)
+    rows = (student, teacher, row_offsets(student), row_offsets(teacher), keep)
+    params = _params(grad_scale, config, dtype)
+    common = dict(
+        HAS_KEEP=keep is not None, COMPUTE_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        STUDENT_ALIGN=row_alignment(student), TEACHER_ALIGN=row_alignment(teacher),
+        num_warps=num_warps(block), maxnreg=MAX_REGISTERS,
     )
-    return RowLosses(loss, stats, head_size, grad)
+    _row_statistics_kernel[(programs,)](
+        *rows, params, row_values, row_codes, row_top, n_rows, vocab, SPLIT=config.split, BLOCK=block, TOPK=TOPK,
+        **common,
+    )
+    if config.split:
+        _split_kernel[(programs,)](
+            *rows, params, row_values, row_codes, row_top, n_rows, vocab, SEARCH_BLOCK=search_block_size(block),
+            TOPK=TOPK, NUM_CANDIDATES=NUM_CANDIDATES, CAPACITY=CAPACITY, **common,
+        )
+    if config.split:
+        _gap_kernel[(programs,)](
+            *rows, params, row_values, row_codes, buffer_values, buffer_gaps, n_rows, vocab, BLOCK=block,
+            SCAN_BLOCK=SCAN_BLOCK, CAPACITY=CAPACITY, **common,
+        )
+    _gradient_kernel[(programs,)](
+        *rows, grad, params, row_values, row_codes, loss, stats, head_size, split_path, n_rows, vocab,
+        MODE=int(config.mode), SPLIT=config.split, COMPUTE_GRAD=compute_grad, BLOCK=block, **common,
+    )
+    return RowLosses(loss, stats, head_size, grad, split_path)

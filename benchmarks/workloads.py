@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -77,6 +80,22 @@ def shapes_for(device: torch.device) -> list[Shape]:
     if device.type == "cuda":
         return [Shape(n, v, d) for d in GPU_DTYPES for n in GPU_ROWS for v in GPU_VOCABS]
     return [Shape(n, v, torch.float32) for n, v in CPU_SHAPES]
+
+
+# Real next-token logits (SmolLM2-135M-Instruct, 129 rows x 49152, bf16), shipped in the project's
+# shared folder beside the repository; AKL_REAL_ROWS overrides the path.
+REAL_ROWS_PATH = Path(os.environ.get(
+    "AKL_REAL_ROWS", Path(__file__).resolve().parents[2] / "shared" / "data" / "smollm2_rows_bf16.pt"))
+
+
+@functools.cache
+def real_rows() -> torch.Tensor:
+    """The real rows as a (129, 49152) bfloat16 CPU tensor; row i + 1 serves as the student of row i."""
+    if not REAL_ROWS_PATH.exists():
+        raise FileNotFoundError(
+            f"real logits not found at {REAL_ROWS_PATH}: the project's shared/data folder must sit beside "
+            "the repository, or set AKL_REAL_ROWS to the file")
+    return torch.load(REAL_ROWS_PATH, weights_only=True)
 
 
 def realistic_logits(rows, vocab, *, generator, dtype=torch.float32, device="cpu"):

@@ -1,11 +1,18 @@
-"""Compile the Triton kernel's variants for real GPUs and report their resource usage.
+"""Compile the Triton kernel's variants for real GPUs and report what the compiled code does.
 
 Run as ``python -m tests.aot_compile`` (TRITON_INTERPRET must be unset: the interpreter replaces
-the compiler). Prints one JSON object mapping each variant's id to its target's PTX header line
-and the registers, stack, shared and local (spill) bytes that triton's bundled cuobjdump reports
-for the cubin. tests/test_triton_compile.py runs it in a subprocess and checks the numbers.
+the compiler). Prints one JSON object mapping each variant's id to its target's PTX header line,
+the registers, stack, shared and local (spill) bytes that triton's bundled cuobjdump reports for
+the cubin, and the global loads and stores of its SASS by width. tests/test_triton_compile.py
+runs it in a subprocess and checks the numbers; `--sass DIR` also writes each variant's SASS.
+
+Arguments are specialised as a launch on aligned tensors would be: every pointer 16-byte
+aligned and the vocabulary size a multiple of 16 (128256), so that row starts are known to
+allow 16-byte loads.
 """
 
+import argparse
+import collections
 import json
 import os
 import re
@@ -14,97 +21,153 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from akl_kernels._rows import TOPK, LossMode
-from akl_kernels.triton_backend import NUM_CANDIDATES, _distill_rows_kernel, block_size, num_warps
+from akl_kernels.triton_backend import (
+    CAPACITY,
+    MAX_REGISTERS,
+    NUM_CANDIDATES,
+    SCAN_BLOCK,
+    _gap_kernel,
+    _gradient_kernel,
+    _row_statistics_kernel,
+    _split_kernel,
+    block_size,
+    num_warps,
+    search_block_size,
+)
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 LARGE_VOCAB = 128256
+ELEMENTS_PER_16_BYTES = {"fp16": 8, "bf16": 8, "fp32": 4, "fp64": 2}
 
-# (student dtype, teacher dtype, mode, split, compute_grad)
+# (student dtype, teacher dtype, mode, split, compute_grad, has_keep)
 HOPPER_VARIANTS = [
-    (dtype, dtype, mode, mode == LossMode.AKL, True)
+    (dtype, dtype, mode, mode == LossMode.AKL, True, True)
     for dtype in ("fp16", "bf16", "fp32")
     for mode in LossMode
 ] + [
-    ("fp32", "fp32", LossMode.FKL, True, True),  # fkl_loss with return_stats
-    ("fp32", "bf16", LossMode.AKL, True, True),  # bf16 teacher beside an fp32 student
-    ("bf16", "bf16", LossMode.AKL, True, False),  # evaluation: no gradient
-    ("fp64", "fp64", LossMode.AKL, True, True),
+    ("bf16", "bf16", LossMode.AKL, True, True, False),  # no labels
+    ("fp32", "fp32", LossMode.FKL, False, True, False),  # no labels, FKL
+    ("fp32", "fp32", LossMode.FKL, True, True, True),  # fkl_loss with return_stats
+    ("fp32", "bf16", LossMode.AKL, True, True, True),  # bf16 teacher beside an fp32 student
+    ("bf16", "bf16", LossMode.AKL, True, False, True),  # evaluation: no gradient
+    ("fp64", "fp64", LossMode.AKL, True, True, True),
 ]
 AMPERE_VARIANTS = [
-    ("bf16", "bf16", LossMode.AKL, True, True),
-    ("fp32", "fp32", LossMode.AKL, True, True),
-    ("fp16", "fp16", LossMode.FKL, False, True),
-    ("bf16", "bf16", LossMode.RKL, False, True),
+    ("bf16", "bf16", LossMode.AKL, True, True, True),
+    ("bf16", "bf16", LossMode.AKL, True, True, False),
+    ("fp32", "fp32", LossMode.AKL, True, True, True),
+    ("fp16", "fp16", LossMode.FKL, False, True, True),
+    ("bf16", "bf16", LossMode.RKL, False, True, True),
 ]
+VARIANTS = [(90, v) for v in HOPPER_VARIANTS] + [(80, v) for v in AMPERE_VARIANTS]
 
 
-def compile_kernel(student, teacher, mode, split, compute_grad, capability):
+def compile_kernels(student, teacher, mode, split, compute_grad, has_keep, capability):
+    """{kernel name: compiled kernel} for the kernels of one variant (split and gap kernels only when split)."""
     compute = "fp64" if "fp64" in (student, teacher) else "fp32"
-    block = block_size(LARGE_VOCAB, torch.float64 if compute == "fp64" else torch.float32)
-    signature = {
+    block = block_size(LARGE_VOCAB)
+    rows = {
         "student_ptr": f"*{student}",
         "teacher_ptr": f"*{teacher}",
         "student_row_offsets_ptr": "*i64",
         "teacher_row_offsets_ptr": "*i64",
         "keep_ptr": "*i1",
-        "grad_ptr": f"*{student}",
-        "params_ptr": f"*{compute}",
-        "loss_ptr": f"*{compute}",
-        "stats_ptr": f"*{compute}",
-        "head_size_ptr": "*i64",
-        "n_rows": "i32",
-        "V": "i32",
     }
-    constants = {
-        "MODE": int(mode),
-        "SPLIT": split,
-        "HAS_KEEP": True,
-        "COMPUTE_GRAD": compute_grad,
+    common = {
+        "HAS_KEEP": has_keep,
         "COMPUTE_DTYPE": tl.float64 if compute == "fp64" else tl.float32,
-        "BLOCK": block,
-        "TOPK": TOPK,
-        "NUM_CANDIDATES": NUM_CANDIDATES,
+        "STUDENT_ALIGN": ELEMENTS_PER_16_BYTES[student],
+        "TEACHER_ALIGN": ELEMENTS_PER_16_BYTES[teacher],
     }
-    signature.update({name: "constexpr" for name in constants})
-    source = ASTSource(_distill_rows_kernel, signature, constants)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps(block)})
-
-
-VARIANTS = [(90, v) for v in HOPPER_VARIANTS] + [(80, v) for v in AMPERE_VARIANTS]
+    record = {"params_ptr": f"*{compute}", "row_values_ptr": f"*{compute}", "row_codes_ptr": "*i32"}
+    kernels = [(
+        _row_statistics_kernel,
+        {**rows, **record, "row_top_ptr": f"*{compute}", "n_rows": "i32", "V": "i32"},
+        {**common, "SPLIT": split, "BLOCK": block, "TOPK": TOPK},
+    )]
+    if split:
+        kernels.append((
+            _split_kernel,
+            {**rows, **record, "row_top_ptr": f"*{compute}", "n_rows": "i32", "V": "i32"},
+            {**common, "SEARCH_BLOCK": search_block_size(block), "TOPK": TOPK, "NUM_CANDIDATES": NUM_CANDIDATES,
+             "CAPACITY": CAPACITY},
+        ))
+    if split:
+        kernels.append((
+            _gap_kernel,
+            {**rows, **record, "buffer_values_ptr": f"*{compute}", "buffer_gaps_ptr": f"*{compute}", "n_rows": "i32",
+             "V": "i32"},
+            {**common, "BLOCK": block, "SCAN_BLOCK": SCAN_BLOCK, "CAPACITY": CAPACITY},
+        ))
+    kernels.append((
+        _gradient_kernel,
+        {**rows, "grad_ptr": f"*{student}", **record, "loss_ptr": f"*{compute}", "stats_ptr": f"*{compute}",
+         "head_size_ptr": "*i64", "split_path_ptr": "*i32", "n_rows": "i32", "V": "i32"},
+        {**common, "MODE": int(mode), "SPLIT": split, "COMPUTE_GRAD": compute_grad, "BLOCK": block},
+    ))
+    compiled = {}
+    for kernel, signature, constants in kernels:
+        names = list(signature)
+        # What a launch on 16-byte aligned tensors with V % 16 == 0 specialises: pointers and V.
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name.endswith("_ptr") or name == "V"}
+        signature = {**signature, **{name: "constexpr" for name in constants}}
+        source = ASTSource(kernel, signature, constants, attrs)
+        compiled[kernel.__name__] = triton.compile(
+            source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps(block), "maxnreg": MAX_REGISTERS}
+        )
+    return compiled
 
 
 def variant_id(capability, variant):
-    student, teacher, mode, split, compute_grad = variant
-    return f"sm{capability}-{student}-{teacher}-{LossMode(mode).name}-split{int(split)}-grad{int(compute_grad)}"
+    student, teacher, mode, split, compute_grad, has_keep = variant
+    return (f"sm{capability}-{student}-{teacher}-{LossMode(mode).name}-split{int(split)}-grad{int(compute_grad)}"
+            f"-keep{int(has_keep)}")
 
 
-def compile_and_measure(capability, variant):
-    kernel = compile_kernel(*variant, capability)
-    target = next(line for line in kernel.asm["ptx"].splitlines() if line.startswith(".target"))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", path], capture_output=True, text=True, check=True)
-    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out.stdout)
-    if not match:
-        raise RuntimeError(f"no resource usage in cuobjdump output:\n{out.stdout}{out.stderr}")
-    usage = dict(zip(("registers", "stack", "shared", "local"), map(int, match.groups())))
-    return {"target": target.strip(), **usage}
+def memory_instructions(sass: str) -> dict:
+    """Global loads and stores of a SASS listing by opcode (LDG.E.128 is a 16-byte load)."""
+    opcodes = re.findall(r"\b((?:LDG|STG)\.E[.A-Z0-9]*)", sass)
+    return dict(sorted(collections.Counter(opcodes).items()))
+
+
+def compile_and_measure(capability, variant, sass_dir=None):
+    """{kernel name: target, resources and memory instructions} of one variant."""
+    report = {}
+    for name, kernel in compile_kernels(*variant, capability).items():
+        target = next(line for line in kernel.asm["ptx"].splitlines() if line.startswith(".target"))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "kernel.cubin")
+            with open(path, "wb") as f:
+                f.write(kernel.asm["cubin"])
+            usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+            sass = subprocess.run([CUOBJDUMP, "-sass", path], capture_output=True, text=True, check=True).stdout
+        match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage.stdout)
+        if not match:
+            raise RuntimeError(f"no resource usage in cuobjdump output:\n{usage.stdout}{usage.stderr}")
+        if sass_dir:
+            with open(os.path.join(sass_dir, f"{variant_id(capability, variant)}{name}.sass"), "w") as f:
+                f.write(sass)
+        resources = dict(zip(("registers", "stack", "shared", "local"), map(int, match.groups())))
+        report[name] = {"target": target.strip(), **resources, "memory": memory_instructions(sass)}
+    return report
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sass", default=None, help="directory to write each variant's SASS to")
+    args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+    if args.sass:
+        os.makedirs(args.sass, exist_ok=True)
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        futures = {variant_id(c, v): pool.submit(compile_and_measure, c, v) for c, v in VARIANTS}
+        futures = {variant_id(c, v): pool.submit(compile_and_measure, c, v, args.sass) for c, v in VARIANTS}
         print(json.dumps({name: future.result() for name, future in futures.items()}))
 
 
