@@ -87,6 +87,16 @@ def _lane_sum(x, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _running_count(mask, BLOCK: tl.constexpr):
+    """Inclusive prefix count of a bool block ([BLOCK] int32): a scan of the per-thread counts of
+    4 neighbours, then within each 4 (this form needs fewer registers than a scan of all BLOCK)."""
+    fours = tl.reshape(mask.to(tl.int32), [BLOCK // 4, 4])
+    four_counts = tl.sum(fours, 1)
+    before = tl.cumsum(four_counts, 0) - four_counts
+    return tl.reshape(before[:, None] + tl.cumsum(fours, 1), [BLOCK])
+
+
+@triton.jit
 def _log2_prob(x, row_max, c, log2_z):
     """log2 of the softmax of x / T from c = log2(e) / T, the row's max(x) and log2 sum 2^((x - max) c).
 
@@ -224,20 +234,20 @@ def _ties_in_head(mu, mass_above, tie_mass, limit):
 
 
 @triton.jit
-def _buffer_mass_at_or_above(values_ptr, n, threshold, row_max, c, log2_z,
+def _buffer_mass_at_or_above(buffer, n, threshold, row_max, c, log2_z,
                              COMPUTE_DTYPE: tl.constexpr, SCAN_BLOCK: tl.constexpr):
     """Teacher mass of the buffered tokens whose value is >= threshold."""
     total = tl.zeros([SCAN_BLOCK], COMPUTE_DTYPE)
     for start in range(0, n, SCAN_BLOCK):
         i = start + tl.arange(0, SCAN_BLOCK)
-        v = tl.load(values_ptr + i, mask=i < n, other=float("-inf"))
+        v = tl.load(buffer + 2 * i, mask=i < n, other=float("-inf"))
         total += tl.where(v >= threshold, tl.exp2(_log2_prob(v, row_max, c, log2_z)), 0.0)
     return tl.sum(total, 0)
 
 
 @triton.jit
 def _place_buffer(
-    values_ptr, gaps_ptr, n, lo, hi, mass_above, mu, row_max, c, log2_z,
+    buffer, n, lo, hi, mass_above, mu, row_max, c, log2_z,
     COMPUTE_DTYPE: tl.constexpr, SCAN_BLOCK: tl.constexpr,
 ):
     """Head gap and head size among the n buffered tokens of the bracket [lo, hi).
@@ -248,7 +258,7 @@ def _place_buffer(
     """
     lo_image = _order_image(lo)
     hi_image = _order_image(hi)
-    in_bracket = _buffer_mass_at_or_above(values_ptr, n, lo, row_max, c, log2_z, COMPUTE_DTYPE, SCAN_BLOCK)
+    in_bracket = _buffer_mass_at_or_above(buffer, n, lo, row_max, c, log2_z, COMPUTE_DTYPE, SCAN_BLOCK)
     crossing = tl.full([], float("-inf"), COMPUTE_DTYPE)  # everything buffered is head ...
     mass_gt = mass_above + in_bracket
     if mass_above > mu:  # ... or, by rounding at mu, nothing is
@@ -259,7 +269,7 @@ def _place_buffer(
         while hi_image - lo_image > 1:
             mid = lo_image + (hi_image - lo_image) // 2
             mass = mass_above + _buffer_mass_at_or_above(
-                values_ptr, n, _image_value(mid, COMPUTE_DTYPE), row_max, c, log2_z, COMPUTE_DTYPE, SCAN_BLOCK)
+                buffer, n, _image_value(mid, COMPUTE_DTYPE), row_max, c, log2_z, COMPUTE_DTYPE, SCAN_BLOCK)
             if mass > mu:
                 lo_image = mid
             else:
@@ -273,8 +283,8 @@ def _place_buffer(
     seen = tl.zeros([], tl.int32)
     for start in range(0, n, SCAN_BLOCK):
         i = start + tl.arange(0, SCAN_BLOCK)
-        v = tl.load(values_ptr + i, mask=i < n, other=float("-inf"))
-        gap = tl.load(gaps_ptr + i, mask=i < n, other=0.0)
+        v = tl.load(buffer + 2 * i, mask=i < n, other=float("-inf"))
+        gap = tl.load(buffer + 2 * i + 1, mask=i < n, other=0.0)
         tie = (v == crossing) & (i < n)
         rank = seen + tl.cumsum(tie.to(tl.int32), 0)  # the buffer is in index order
         head = (v > crossing) | (tie & (rank <= ties_in_head))
@@ -318,7 +328,7 @@ def _gap_pass_ranked(
             tie = t == crossing
             n_ties = tl.sum(tie.to(tl.int32), 0)
             if n_ties > 0:
-                rank = ties_seen + tl.cumsum(tie.to(tl.int32), 0)  # 1-based, in index order
+                rank = ties_seen + _running_count(tie, BLOCK)  # 1-based, in index order
                 head = head | (tie & (rank <= ties_in_head))
                 ties_seen += n_ties
         total_gap += _lane_sum(gap, BLOCK)
@@ -329,7 +339,7 @@ def _gap_pass_ranked(
 
 @triton.jit
 def _gap_pass_with_bracket(
-    teacher_row, student_row, V, max_t, max_s, c, log2_z_a, log2_z_b, lo, hi, buffer_values, buffer_gaps,
+    teacher_row, student_row, V, max_t, max_s, c, log2_z_a, log2_z_b, lo, hi, buffer,
     COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CAPACITY: tl.constexpr,
 ):
     """Pass 2 around a bracket: the tokens t >= hi are head, those of [lo, hi) go to the buffer
@@ -349,10 +359,11 @@ def _gap_pass_with_bracket(
         inside = (t >= lo) & (t < hi)
         n_inside = tl.sum(inside.to(tl.int32), 0)
         if n_inside > 0:
-            slot = buffered + tl.cumsum(inside.to(tl.int32), 0) - 1
+            slot = buffered + _running_count(inside, BLOCK) - 1
             store = inside & (slot < CAPACITY)
-            tl.store(buffer_values + slot, t, mask=store)
-            tl.store(buffer_gaps + slot, gap, mask=store)
+            entry = buffer + 2 * slot
+            tl.store(entry, t, mask=store)
+            tl.store(entry + 1, gap, mask=store)
             buffered += n_inside
         total_gap += _lane_sum(gap, BLOCK)
         head_gap += _lane_sum(tl.where(head, gap, 0.0), BLOCK)
@@ -393,8 +404,8 @@ def _row_statistics_kernel(
     """Pass 1 of each kept row: normalisers, FKL, RKL, invalid input and the top TOPK."""
     program = tl.program_id(0)
     programs = tl.num_programs(0)
-    for turn in range(0, tl.cdiv(n_rows - program, programs)):
-        row = program.to(tl.int64) + turn * programs  # this program's rows: program, + programs, ...
+    row = program.to(tl.int64)  # this program's rows: program, program + programs, ...
+    while row < n_rows:
         if HAS_KEEP:
             keep = tl.load(keep_ptr + row).to(tl.int1)
         else:
@@ -475,6 +486,7 @@ def _row_statistics_kernel(
             tl.store(row_codes_ptr + row * ROW_CODES + 1, (row_flags >> 1) & 1)  # the split kernel reads the student too
             if SPLIT:
                 tl.store(row_top_ptr + row * TOPK + tl.arange(0, TOPK), top)
+        row += programs
 
 
 @triton.jit
@@ -504,8 +516,8 @@ def _split_kernel(
     bracket [lo, hi) that the gradient kernel places after pass 2."""
     program = tl.program_id(0)
     programs = tl.num_programs(0)
-    for turn in range(0, tl.cdiv(n_rows - program, programs)):
-        row = program.to(tl.int64) + turn * programs
+    row = program.to(tl.int64)
+    while row < n_rows:
         if HAS_KEEP:
             keep = tl.load(keep_ptr + row).to(tl.int1)
         else:
@@ -558,6 +570,7 @@ def _split_kernel(
             tl.store(values + 7, hi)
             tl.store(codes, path + 8 * passes)
             tl.store(codes + 1, ties_in_head)
+        row += programs
 
 
 @triton.jit
@@ -623,32 +636,36 @@ def _gap_kernel(
     params_ptr,  # *compute dtype [4]: gradient scale, mu, temperature, log2(e) / T
     row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 0-3 and 6-7, writes 8-9
     row_codes_ptr,  # *int32 [N, ROW_CODES]: reads (path, ties in head), writes the head size
-    buffer_values_ptr,  # *compute dtype [programs, CAPACITY] a bracket's teacher logits, in index order (scratch)
-    buffer_gaps_ptr,  # *compute dtype [programs, CAPACITY] their |p - q| (scratch)
+    buffer_ptr,  # *compute dtype [programs, CAPACITY, 2] a bracket's (teacher logit, |p - q|), in index order (scratch)
     n_rows,
     V,
     HAS_KEEP: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     STUDENT_ALIGN: tl.constexpr,
     TEACHER_ALIGN: tl.constexpr,
+    BRACKET: tl.constexpr,  # this launch takes the rows of PATH_BUFFER; the other launch, all other rows
     BLOCK: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
     CAPACITY: tl.constexpr,
 ):
-    """Pass 2 of each kept, valid row: the gaps |p - q| over the head and the tail, and the head size."""
+    """Pass 2 of each kept, valid row: the gaps |p - q| over the head and the tail, and the head size.
+
+    Launched twice, for the rows with a bracket to place and for the others: apart, each variant
+    keeps within the register budget.
+    """
     program = tl.program_id(0)
     programs = tl.num_programs(0)
-    buffer_values = buffer_values_ptr + program.to(tl.int64) * CAPACITY
-    buffer_gaps = buffer_gaps_ptr + program.to(tl.int64) * CAPACITY
-    for turn in range(0, tl.cdiv(n_rows - program, programs)):
-        row = program.to(tl.int64) + turn * programs
+    buffer = buffer_ptr + program.to(tl.int64) * (2 * CAPACITY)
+    row = program.to(tl.int64)
+    while row < n_rows:
         if HAS_KEEP:
             keep = tl.load(keep_ptr + row).to(tl.int1)
         else:
             keep = row >= 0
         codes = row_codes_ptr + row * ROW_CODES
         if keep:
-            keep = tl.load(codes) >= 0  # a valid row
+            path = tl.load(codes)
+            keep = (path >= 0) & ((path % 8 == PATH_BUFFER) == BRACKET)  # a valid row of this launch
         if keep:
             mu = tl.load(params_ptr + 1)
             c = tl.load(params_ptr + 3)
@@ -663,14 +680,14 @@ def _gap_kernel(
             log2_z_b = tl.load(values + 3)
             crossing = tl.load(values + 6)
             hi = tl.load(values + 7)
-            if tl.load(codes) % 8 == PATH_BUFFER:
+            if BRACKET:
                 lo = crossing
                 total_gap, head_gap, head_size, mass_hi, buffered = _gap_pass_with_bracket(
                     teacher_row, student_row, V, max_t, max_s, c, log2_z_a, log2_z_b, lo, hi,
-                    buffer_values, buffer_gaps, COMPUTE_DTYPE, BLOCK, CAPACITY,
+                    buffer, COMPUTE_DTYPE, BLOCK, CAPACITY,
                 )
                 bracket_gap, bracket_head = _place_buffer(
-                    buffer_values, buffer_gaps, tl.minimum(buffered, CAPACITY), lo, hi, mass_hi, mu,
+                    buffer, tl.minimum(buffered, CAPACITY), lo, hi, mass_hi, mu,
                     max_t, c, log2_z_a, COMPUTE_DTYPE, SCAN_BLOCK,
                 )
                 head_gap += bracket_gap
@@ -683,6 +700,7 @@ def _gap_kernel(
             tl.store(values + 8, head_gap)
             tl.store(values + 9, total_gap - head_gap)
             tl.store(codes + 2, head_size)
+        row += programs
 
 
 @triton.jit
@@ -715,8 +733,8 @@ def _gradient_kernel(
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     zero = tl.zeros([], COMPUTE_DTYPE)
-    for turn in range(0, tl.cdiv(n_rows - program, programs)):
-        row = program.to(tl.int64) + turn * programs
+    row = program.to(tl.int64)
+    while row < n_rows:
         if HAS_KEEP:
             keep = tl.load(keep_ptr + row).to(tl.int1)
         else:
@@ -819,6 +837,7 @@ def _gradient_kernel(
         tl.store(stats_ptr + 5 * n_rows + row, tail_weight)
         tl.store(head_size_ptr + row, head_size.to(tl.int64))
         tl.store(split_path_ptr + row, path)
+        row += programs
 
 
 def block_size(vocab: int) -> int:
@@ -908,8 +927,7 @@ def triton_row_losses(
     row_codes = torch.empty(n_rows, ROW_CODES, dtype=torch.int32, device=device)
     row_top = torch.empty(n_rows if config.split else 0, TOPK, dtype=dtype, device=device)
     # The bracket buffer: scratch for the rows of each program (never read before written).
-    buffer_values = torch.empty(programs if config.split else 0, CAPACITY, dtype=dtype, device=device)
-    buffer_gaps = torch.empty_like(buffer_values)
+    buffer = torch.empty(programs if config.split else 0, CAPACITY, 2, dtype=dtype, device=device)
     rows = (student, teacher, row_offsets(student), row_offsets(teacher), keep)
     params = _params(grad_scale, config, dtype)
     common = dict(
@@ -927,10 +945,11 @@ def triton_row_losses(
             TOPK=TOPK, NUM_CANDIDATES=NUM_CANDIDATES, CAPACITY=CAPACITY, **common,
         )
     if config.split:
-        _gap_kernel[(programs,)](
-            *rows, params, row_values, row_codes, buffer_values, buffer_gaps, n_rows, vocab, BLOCK=block,
-            SCAN_BLOCK=SCAN_BLOCK, CAPACITY=CAPACITY, **common,
-        )
+        for bracket in (False, True):
+            _gap_kernel[(programs,)](
+                *rows, params, row_values, row_codes, buffer, n_rows, vocab, BRACKET=bracket, BLOCK=block,
+                SCAN_BLOCK=SCAN_BLOCK, CAPACITY=CAPACITY, **common,
+            )
     _gradient_kernel[(programs,)](
         *rows, grad, params, row_values, row_codes, loss, stats, head_size, split_path, n_rows, vocab,
         MODE=int(config.mode), SPLIT=config.split, COMPUTE_GRAD=compute_grad, BLOCK=block, **common,

@@ -99,12 +99,12 @@ def compile_kernels(student, teacher, mode, split, compute_grad, has_keep, capab
              "CAPACITY": CAPACITY},
         ))
     if split:
-        kernels.append((
-            _gap_kernel,
-            {**rows, **record, "buffer_values_ptr": f"*{compute}", "buffer_gaps_ptr": f"*{compute}", "n_rows": "i32",
-             "V": "i32"},
-            {**common, "BLOCK": block, "SCAN_BLOCK": SCAN_BLOCK, "CAPACITY": CAPACITY},
-        ))
+        for bracket in (False, True):
+            kernels.append((
+                _gap_kernel,
+                {**rows, **record, "buffer_ptr": f"*{compute}", "n_rows": "i32", "V": "i32"},
+                {**common, "BRACKET": bracket, "BLOCK": block, "SCAN_BLOCK": SCAN_BLOCK, "CAPACITY": CAPACITY},
+            ))
     kernels.append((
         _gradient_kernel,
         {**rows, "grad_ptr": f"*{student}", **record, "loss_ptr": f"*{compute}", "stats_ptr": f"*{compute}",
@@ -118,7 +118,8 @@ def compile_kernels(student, teacher, mode, split, compute_grad, has_keep, capab
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name.endswith("_ptr") or name == "V"}
         signature = {**signature, **{name: "constexpr" for name in constants}}
         source = ASTSource(kernel, signature, constants, attrs)
-        compiled[kernel.__name__] = triton.compile(
+        name = kernel.__name__ + ("_bracket" if constants.get("BRACKET") else "")
+        compiled[name] = triton.compile(
             source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps(block), "maxnreg": MAX_REGISTERS}
         )
     return compiled
