@@ -54,8 +54,8 @@ SPLIT_PATHS = {0: "none", 1: "top", 2: "all head", 3: "bracket+buffer", 4: "brac
 # Thresholds per bracket pass: each pass narrows the bracket about 16x.
 NUM_CANDIDATES = 16
 # Tokens a bracket may hold to be placed from the buffer after pass 2 (per program: CAPACITY x
-# (value, gap), 32 KiB in float32).
-CAPACITY = 4096
+# (value, gap), 64 KiB in float32).
+CAPACITY = 8192
 # Columns per block of the streaming passes, and of the bracket passes (whose C thresholds per
 # column need lane accumulators: C x SEARCH_BLOCK / threads registers each).
 MAX_BLOCK = 2048
@@ -234,15 +234,20 @@ def _ties_in_head(mu, mass_above, tie_mass, limit):
 
 
 @triton.jit
-def _buffer_mass_at_or_above(buffer, n, threshold, row_max, c, log2_z,
-                             COMPUTE_DTYPE: tl.constexpr, SCAN_BLOCK: tl.constexpr):
-    """Teacher mass of the buffered tokens whose value is >= threshold."""
-    total = tl.zeros([SCAN_BLOCK], COMPUTE_DTYPE)
+def _scan_buffer(buffer, n, x, row_max, c, log2_z, COMPUTE_DTYPE: tl.constexpr, SCAN_BLOCK: tl.constexpr):
+    """Over the n buffered tokens: the teacher mass of those with value >= x, the smallest value
+    >= x (+inf if none) and the largest value < x (-inf if none)."""
+    mass = tl.zeros([SCAN_BLOCK], COMPUTE_DTYPE)
+    smallest_at_or_above = tl.full([SCAN_BLOCK], float("inf"), COMPUTE_DTYPE)
+    largest_below = tl.full([SCAN_BLOCK], float("-inf"), COMPUTE_DTYPE)
     for start in range(0, n, SCAN_BLOCK):
         i = start + tl.arange(0, SCAN_BLOCK)
-        v = tl.load(buffer + 2 * i, mask=i < n, other=float("-inf"))
-        total += tl.where(v >= threshold, tl.exp2(_log2_prob(v, row_max, c, log2_z)), 0.0)
-    return tl.sum(total, 0)
+        v = tl.load(buffer + 2 * i, mask=i < n, other=float("-inf"))  # -inf is below any x
+        at_or_above = v >= x
+        mass += tl.where(at_or_above, tl.exp2(_log2_prob(v, row_max, c, log2_z)), 0.0)
+        smallest_at_or_above = tl.minimum(smallest_at_or_above, tl.where(at_or_above, v, float("inf")))
+        largest_below = tl.maximum(largest_below, tl.where(at_or_above, float("-inf"), v))
+    return tl.sum(mass, 0), tl.min(smallest_at_or_above, 0), tl.max(largest_below, 0)
 
 
 @triton.jit
@@ -252,32 +257,50 @@ def _place_buffer(
 ):
     """Head gap and head size among the n buffered tokens of the bracket [lo, hi).
 
-    The tokens >= hi (mass mass_above) are head. The crossing value is the largest buffered
-    value v with mass_above + mass(>= v) > mu, found by bisection on the order image; its ties,
-    buffered in index order, enter the head while the running mass stays <= mu.
+    The tokens >= hi (mass mass_above) are head. With M(x) the mass of the buffered tokens >= x,
+    the crossing value is the largest buffered value v with mass_above + M(v) > mu. It is kept
+    in [low, high) by scans of the buffer that test points between, alternately where M would
+    cross if it were linear and at the middle of the order image, each moving an end onto a
+    buffered value; its ties, buffered in index order, enter the head while the running mass
+    stays <= mu.
     """
-    lo_image = _order_image(lo)
-    hi_image = _order_image(hi)
-    in_bracket = _buffer_mass_at_or_above(buffer, n, lo, row_max, c, log2_z, COMPUTE_DTYPE, SCAN_BLOCK)
+    target = mu - mass_above  # the crossing value v: M(v) > target >= M(next buffered value)
+    total, low, _ = _scan_buffer(buffer, n, lo, row_max, c, log2_z, COMPUTE_DTYPE, SCAN_BLOCK)
     crossing = tl.full([], float("-inf"), COMPUTE_DTYPE)  # everything buffered is head ...
-    mass_gt = mass_above + in_bracket
-    if mass_above > mu:  # ... or, by rounding at mu, nothing is
+    mass_gt = total  # M(> crossing)
+    if target < 0:  # ... or, by rounding at mu, nothing is
         crossing = tl.full([], float("inf"), COMPUTE_DTYPE)
-        mass_gt = mass_above
-    elif mass_above + in_bracket > mu:
-        mass_gt = mass_above  # mass >= value(hi_image), where the test fails
-        while hi_image - lo_image > 1:
-            mid = lo_image + (hi_image - lo_image) // 2
-            mass = mass_above + _buffer_mass_at_or_above(
-                buffer, n, _image_value(mid, COMPUTE_DTYPE), row_max, c, log2_z, COMPUTE_DTYPE, SCAN_BLOCK)
-            if mass > mu:
-                lo_image = mid
+        mass_gt = total * 0
+    elif total > target:
+        mass_low = total  # M(low), low the smallest buffered value
+        high = hi
+        mass_high = total * 0  # M(high)
+        step = tl.zeros([], tl.int32)
+        searching = True
+        while searching:
+            low_image = _order_image(low)
+            high_image = _order_image(high)
+            if high_image - low_image <= 1:
+                searching = False
             else:
-                hi_image = mid
-                mass_gt = mass
-        crossing = _image_value(lo_image, COMPUTE_DTYPE)
+                x = low + (high - low) * ((mass_low - target) / (mass_low - mass_high))
+                if (step % 2 == 1) | ~((x > low) & (x < high)):
+                    x = _image_value(low_image + (high_image - low_image) // 2, COMPUTE_DTYPE)
+                mass, smallest_at_or_above, largest_below = _scan_buffer(
+                    buffer, n, x, row_max, c, log2_z, COMPUTE_DTYPE, SCAN_BLOCK)
+                if mass > target:
+                    low = smallest_at_or_above  # M(low) = mass
+                    mass_low = mass
+                else:
+                    high = x
+                    mass_high = mass
+                    if largest_below == low:  # no buffered value in (low, x): low is the crossing
+                        searching = False
+                step += 1
+        crossing = low
+        mass_gt = mass_high
     tie_mass = tl.exp2(_log2_prob(crossing, row_max, c, log2_z))
-    ties_in_head = _ties_in_head(mu, mass_gt, tie_mass, n)
+    ties_in_head = _ties_in_head(mu, mass_above + mass_gt, tie_mass, n)
     head_gap = tl.zeros([SCAN_BLOCK], COMPUTE_DTYPE)
     head_size = tl.zeros([SCAN_BLOCK], tl.int32)
     seen = tl.zeros([], tl.int32)

@@ -132,8 +132,9 @@ def variant_id(capability, variant):
 
 
 def memory_instructions(sass: str) -> dict:
-    """Global loads and stores of a SASS listing by opcode (LDG.E.128 is a 16-byte load)."""
-    opcodes = re.findall(r"\b((?:LDG|STG)\.E[.A-Z0-9]*)", sass)
+    """Global loads and stores of a SASS listing by opcode (LDG.E.128 is a 16-byte load), and its
+    local-memory loads and stores (LDL, STL: register spills)."""
+    opcodes = re.findall(r"\b((?:LDG|STG)\.E[.A-Z0-9]*|LDL|STL)\b", sass)
     return dict(sorted(collections.Counter(opcodes).items()))
 
 

@@ -1,0 +1,125 @@
+"""The head/tail split's paths, each against the float64 reference on both backends.
+
+The Triton kernel finds the crossing of mu among the teacher's TOPK largest logits, or, when the
+head holds more tokens, by bracket passes over the teacher; the bracket ends either holding few
+enough tokens to place from a buffer after pass 2, or a single tied value placed by rank. Each
+case below is built to take one path (checked on the Triton backend's split_path codes) and
+compared with the reference on both backends. Vocabularies exceed two of the kernel's blocks
+(2048 columns) so that brackets, ties and ranks cross block boundaries.
+"""
+
+import pytest
+import torch
+
+from akl_kernels._rows import LossMode, RowLossConfig
+from akl_kernels.triton_backend import CAPACITY, SPLIT_PATHS, triton_row_losses
+from tests.compare import assert_matches_reference, run_loss
+
+NEG_INF = float("-inf")
+VOCAB = 5000  # three blocks of 2048
+LARGE_VOCAB = 2 * CAPACITY + 1000  # more tokens than the bracket buffer holds
+
+
+def split_paths(student, teacher, *, mu=0.5, temperature=1.0):
+    """The Triton kernel's split path of each row, as (name, bracket passes) pairs."""
+    config = RowLossConfig(mode=LossMode.AKL, mu=mu, temperature=temperature, split=True)
+    rows = triton_row_losses(student, teacher, None, torch.ones(()), config, compute_grad=False)
+    return [(SPLIT_PATHS[code % 8], code // 8) for code in rows.split_path.tolist()]
+
+
+def check_paths(backend, student, teacher, expected, **kwargs):
+    """On the Triton backend, every row's (name, passes) must satisfy expected(name, passes)."""
+    if backend == "triton":
+        paths = split_paths(student, teacher, **kwargs)
+        assert all(expected(name, passes) for name, passes in paths), paths
+
+
+def logits(*shape, scale=1.0):
+    return torch.randn(*shape, dtype=torch.float64).mul(scale).float()
+
+
+def test_flat_teacher_is_bracketed_and_placed_from_the_buffer(backend):
+    # Heads of ~1500 tokens: bracket passes, then the bracket's tokens placed after pass 2.
+    student, teacher = logits(3, VOCAB), logits(3, VOCAB, scale=0.5)
+    check_paths(backend, student, teacher, lambda name, passes: name == "bracket+buffer" and passes >= 1)
+    assert_matches_reference("akl", student, teacher, backend)
+
+
+def test_near_uniform_teacher_takes_several_bracket_passes(backend):
+    # Values within 1e-3 of each other: the first bracket holds more tokens than the buffer.
+    student, teacher = logits(2, LARGE_VOCAB), logits(2, LARGE_VOCAB, scale=1e-3)
+    check_paths(backend, student, teacher, lambda name, passes: name.startswith("bracket") and passes >= 2)
+    assert_matches_reference("akl", student, teacher, backend)
+
+
+@pytest.mark.parametrize("mu", [0.3, 0.8])
+def test_massive_ties_at_the_crossing_are_placed_by_rank(backend, mu):
+    # Two values, each held by more tokens than the bracket buffer holds, scattered over every
+    # block: the crossing falls inside a group of ties, in the upper value at mu = 0.3 (one
+    # bracket pass) and in the lower one at mu = 0.8 (two), and its head part ends mid-row.
+    teacher = torch.randint(0, 2, (2, LARGE_VOCAB), generator=torch.Generator().manual_seed(1)).float()
+    student = logits(2, LARGE_VOCAB)
+    check_paths(backend, student, teacher, lambda name, _: name == "bracket+ties", mu=mu)
+    assert_matches_reference("akl", student, teacher, backend, mu=mu)
+
+
+def test_every_token_tied(backend):
+    # One value everywhere (the second row's support ends at 3000): the head is the lowest indices.
+    teacher = torch.zeros(2, VOCAB)
+    teacher[1, 3000:] = NEG_INF
+    student = logits(2, VOCAB)
+    check_paths(backend, student, teacher, lambda name, _: name.startswith("bracket"), mu=0.3)
+    assert_matches_reference("akl", student, teacher, backend, mu=0.3)
+
+
+def test_ties_straddling_blocks_in_the_top_path(backend):
+    # A head of a few tokens whose crossing value is shared by tokens on both sides of the block
+    # boundaries at 2048 and 4096: the running rank must carry across blocks.
+    teacher = torch.full((2, VOCAB), -8.0)
+    teacher[:, [5, 4999]] = 3.0
+    tied = [2040, 2047, 2048, 2049, 4095, 4096, 4097, 10]
+    teacher[:, tied] = 2.0
+    student = logits(2, VOCAB)
+    for mu in (0.3, 0.45, 0.6):
+        check_paths(backend, student, teacher, lambda name, _: name == "top", mu=mu)
+        assert_matches_reference("akl", student, teacher, backend, mu=mu)
+
+
+def test_bracket_with_ties_inside_the_buffer(backend):
+    # bf16-valued flat teachers: a bracket of few distinct values, each shared by many tokens,
+    # placed from the buffer (ties of the crossing value ranked in index order there).
+    student = logits(3, VOCAB)
+    teacher = logits(3, VOCAB, scale=0.7).bfloat16().float()
+    check_paths(backend, student, teacher, lambda name, _: name.startswith("bracket"), temperature=2.0)
+    assert_matches_reference("akl", student, teacher, backend, temperature=2.0)
+
+
+def test_student_minus_inf_inside_the_teachers_support(backend):
+    # Bracket passes must then read the student too: its -inf tokens are outside the support.
+    student, teacher = logits(2, VOCAB), logits(2, VOCAB, scale=0.5)
+    student[:, torch.randperm(VOCAB)[:1500]] = NEG_INF
+    check_paths(backend, student, teacher, lambda name, _: name.startswith("bracket"))
+    assert_matches_reference("akl", student, teacher, backend)
+
+
+def test_mu_one_makes_the_whole_support_head(backend):
+    student, teacher = logits(2, VOCAB), logits(2, VOCAB, scale=2.0)
+    teacher[1, :100] = NEG_INF
+    check_paths(backend, student, teacher, lambda name, _: name == "all head", mu=1.0)
+    _, stats, _ = run_loss("akl", student, teacher, backend, mu=1.0)
+    assert stats.head_size.tolist() == [VOCAB, VOCAB - 100]
+    assert_matches_reference("akl", student, teacher, backend, mu=1.0)
+
+
+def test_many_rows_mixing_paths(backend):
+    # More rows than the kernel's programs (8 on a CPU): each program takes several rows in turn,
+    # with its buffer reused between them.
+    n = 20
+    student = logits(n, 3000)
+    teacher = torch.cat([logits(7, 3000, scale=4.0), logits(7, 3000, scale=0.5),
+                         torch.randint(-2, 2, (6, 3000)).float()])
+    teacher = teacher[torch.randperm(n)]
+    if backend == "triton":
+        names = {name for name, _ in split_paths(student, teacher)}
+        assert {"top", "bracket+buffer"} <= names, names
+    assert_matches_reference("akl", student, teacher, backend)
