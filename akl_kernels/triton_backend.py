@@ -397,8 +397,8 @@ def _gap_pass_with_bracket(
 
 # The per-row record that each kernel leaves for the next.
 # compute dtype: max t, max s, log2 Z_a, log2 Z_b, FKL, RKL, crossing (or the bracket's lo), hi,
-# head gap, tail gap
-ROW_VALUES: tl.constexpr = tl.constexpr(10)
+# head gap, tail gap, min t
+ROW_VALUES: tl.constexpr = tl.constexpr(11)
 # int32: split path (PATH_* + 8 x bracket passes; -1 for an invalid row), ties in head, head size
 ROW_CODES: tl.constexpr = tl.constexpr(3)
 
@@ -445,6 +445,7 @@ def _row_statistics_kernel(
             # FKL = ln2 (S_p / Z_a - L), RKL = ln2 (L - S_q / Z_b), L = log2 Z_a - log2 Z_b.
             max_t = tl.full([], float("-inf"), COMPUTE_DTYPE)
             max_s = tl.full([], float("-inf"), COMPUTE_DTYPE)
+            min_t = tl.full([], float("inf"), COMPUTE_DTYPE)  # over the support (a floor for the split's bracket)
             z_a = tl.zeros([BLOCK // 4], COMPUTE_DTYPE)
             z_b = tl.zeros([BLOCK // 4], COMPUTE_DTYPE)
             s_p = tl.zeros([BLOCK // 4], COMPUTE_DTYPE)
@@ -462,6 +463,8 @@ def _row_statistics_kernel(
                 t = tl.where(support, t, float("-inf"))
                 s = tl.where(support, s, float("-inf"))
                 block_max_t = tl.max(t, 0)
+                if SPLIT:
+                    min_t = tl.minimum(min_t, tl.min(tl.where(support, t, float("inf")), 0))
                 new_max_t = tl.maximum(max_t, block_max_t)
                 new_max_s = tl.maximum(max_s, tl.max(s, 0))
                 if (new_max_t != max_t) | (new_max_s != max_s):
@@ -504,6 +507,7 @@ def _row_statistics_kernel(
             tl.store(values + 3, log2_z_b)
             tl.store(values + 4, fkl)
             tl.store(values + 5, rkl)
+            tl.store(values + 10, min_t)
             invalid = ((row_flags & 1) != 0) | (max_t == float("-inf"))
             tl.store(row_codes_ptr + row * ROW_CODES, tl.where(invalid, -1, PATH_NONE))
             tl.store(row_codes_ptr + row * ROW_CODES + 1, (row_flags >> 1) & 1)  # the split kernel reads the student too
@@ -580,6 +584,7 @@ def _split_kernel(
                         STUDENT_ALIGN, TEACHER_ALIGN,
                     )
                     lo = max_t + (log2_z_a + tl.log2((1.0 - mu) / V) - 2.0) / c
+                    lo = tl.maximum(lo, tl.load(values + 10))  # no token lies below the row's smallest
                     hi = _image_value(_order_image(smallest_top) + 1, COMPUTE_DTYPE)
                     mass_hi = tl.sum(tl.where(top > smallest_top, top_mass, 0.0), 0)  # G(hi), exact
                     path, crossing, hi, mass_hi, passes = _search_bracket(

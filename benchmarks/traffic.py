@@ -138,6 +138,12 @@ def split_path_name(code: int) -> str:
 
 # ---- input classes ------------------------------------------------------------------------------
 
+# Units per kept row the kernels must not exceed (tests/test_traffic.py): 7 for loss, statistics
+# and gradient (passes of 2 + 2 + 3 units), one teacher-only unit more where the head holds at least
+# TOPK tokens (a bracket pass), and 5 for FKL and RKL without statistics (no gap pass).
+SPLIT_TARGET, BRACKET_TARGET, NO_SPLIT_TARGET = 7.0, 8.0, 5.0
+
+
 @dataclass(frozen=True)
 class InputClass:
     name: str
@@ -145,6 +151,7 @@ class InputClass:
     temperature: float = 1.0
     mode: LossMode = LossMode.AKL
     default_rows: int = 8
+    target: float = BRACKET_TARGET  # units per kept row, at most
 
 
 def _real(rows, generator):
@@ -180,6 +187,12 @@ def _flat(rows, generator, vocab=32000):
     return student, teacher, None
 
 
+def _near_uniform(rows, generator, vocab=32000):
+    student = torch.randn(rows, vocab, generator=generator)
+    teacher = torch.randn(rows, vocab, generator=generator) * 0.01  # every value within 0.05 of the others
+    return student, teacher, None
+
+
 def _integer_ties(rows, generator, vocab=32000):
     student = torch.randn(rows, vocab, generator=generator)
     teacher = torch.randint(-3, 3, (rows, vocab), generator=generator).float()  # ~5000 ties per value
@@ -192,11 +205,12 @@ CLASSES = [
     InputClass("LM-like bf16 32000, T=1", _lm(torch.bfloat16)),
     InputClass("LM-like bf16 32000, T=2", _lm(torch.bfloat16), temperature=2.0),
     InputClass("LM-like bf16, 1/4 rows ignored", _lm_with_labels),
-    InputClass("peaked fp32 (top-1 mass > mu)", _peaked),
+    InputClass("peaked fp32 (top-1 mass > mu)", _peaked, target=SPLIT_TARGET),
     InputClass("flat fp32 (N(0, 0.5^2) logits)", _flat),
+    InputClass("near-uniform fp32 (N(0, 0.01^2) logits)", _near_uniform, default_rows=4),
     InputClass("integer ties fp32 (6 values)", _integer_ties, default_rows=4),
-    InputClass("fkl_loss, LM-like bf16, T=1", _lm(torch.bfloat16), mode=LossMode.FKL),
-    InputClass("rkl_loss, LM-like bf16, T=1", _lm(torch.bfloat16), mode=LossMode.RKL),
+    InputClass("fkl_loss, LM-like bf16, T=1", _lm(torch.bfloat16), mode=LossMode.FKL, target=NO_SPLIT_TARGET),
+    InputClass("rkl_loss, LM-like bf16, T=1", _lm(torch.bfloat16), mode=LossMode.RKL, target=NO_SPLIT_TARGET),
 ]
 
 
@@ -209,6 +223,7 @@ def measure_class(input_class: InputClass, rows: int | None = None, seed: int = 
     kept = traffic.kept
     result = {
         "class": input_class.name,
+        "target": input_class.target,
         "rows": int(kept.size),
         "vocab": int(student.shape[1]),
         "dtype": str(teacher.dtype).removeprefix("torch."),
