@@ -16,6 +16,15 @@ from ._rows import TOPK, LossMode, RowLossConfig, RowLosses, STATS_FIELDS, compu
 NEG_INF = float("-inf")
 INF = float("inf")
 
+# How the split was found, per row (RowLosses.split_path).
+SPLIT_PATH_CODES = {"none": 0, "top": 1, "all head": 2, "buckets": 3}
+SPLIT_PATHS = {code: name for name, code in SPLIT_PATH_CODES.items()}
+# Rows whose crossing of mu lies beyond their TOPK largest logits are split by buckets of logits:
+# BUCKETS_PER_UNIT per unit of a = t / T below the row's max, SPLIT_BUCKETS in all (16 units, a
+# factor of 9e6 in probability); the last bucket takes every lower logit.
+BUCKETS_PER_UNIT = 1024
+SPLIT_BUCKETS = 16 * BUCKETS_PER_UNIT
+
 # Largest rows per chunk times vocabulary size: 4 MiB per float32 buffer.
 CHUNK_ELEMENTS = 1 << 20
 # Fewest rows per chunk (when the vocabulary allows): below 8, the per-chunk overhead of the
@@ -52,6 +61,7 @@ def torch_row_losses(
     loss = torch.zeros(n_rows, dtype=dtype, device=device)
     stats = torch.zeros(len(STATS_FIELDS), n_rows, dtype=dtype, device=device)
     head_size = torch.zeros(n_rows, dtype=torch.int64, device=device)
+    split_path = torch.zeros(n_rows, dtype=torch.int32, device=device)
     grad = None
     if compute_grad:
         grad = torch.empty(student.shape, dtype=student.dtype, device=device) if grad_out is None else grad_out
@@ -72,15 +82,16 @@ def torch_row_losses(
         # copies in the workspace.
         a = read_teacher(rows, lambda: chunk.a)
         b = read_student(rows, lambda: chunk.b)
-        chunk_loss, chunk_stats, chunk_head_size, chunk_grad = _chunk_losses(
+        chunk_loss, chunk_stats, chunk_head_size, chunk_grad, chunk_path = _chunk_losses(
             a, b, chunk, config, grad_factor if compute_grad else None
         )
         loss[rows] = chunk_loss
         stats[:, rows] = chunk_stats
         head_size[rows] = chunk_head_size
+        split_path[rows] = chunk_path
         if compute_grad:
             grad.view(n_rows, vocab).index_copy_(0, rows, chunk_grad.to(grad.dtype))
-    return RowLosses(loss, stats, head_size, grad)
+    return RowLosses(loss, stats, head_size, grad, split_path)
 
 
 class _Workspace:
@@ -94,6 +105,7 @@ class _Workspace:
     def __init__(self, rows, vocab, dtype, device):
         self.shape, self.dtype, self.device = (rows, vocab), dtype, device
         self.buffers = {}
+        self.try_top = True  # whether the next chunk's split starts from the top-k (_split_gaps)
 
     def rows(self, count):
         """The buffers cut to their first `count` rows."""
@@ -101,7 +113,7 @@ class _Workspace:
 
     def buffer(self, name):
         if name not in self.buffers:
-            dtype = torch.bool if name == "head" else self.dtype
+            dtype = self.dtype
             self.buffers[name] = torch.empty(self.shape, dtype=dtype, device=self.device)
         return self.buffers[name]
 
@@ -111,6 +123,10 @@ class _ChunkBuffers:
 
     def __init__(self, workspace, count):
         self._workspace, self._count = workspace, count
+
+    @property
+    def workspace(self):
+        return self._workspace
 
     def __getattr__(self, name):
         return self._workspace.buffer(name)[: self._count]
@@ -165,9 +181,6 @@ def _chunk_losses(a, b, chunk, config, grad_factor):
     q, shifted_b, _, log_z_b = _softmax(b, chunk.q, chunk.shifted_b)
     invalid |= max_a.squeeze(1) == NEG_INF  # empty support
 
-    # Step 3: the head mask, from the teacher's logits themselves (exact ties).
-    head = _head_mask(a, max_a, log_z_a, config.mu, chunk.head) if config.split else None
-
     # d = log p - log q on the support (0 outside), with log p = (a - max_a) - log_z_a.
     d = shifted_a.sub_(shifted_b).sub_(log_z_a - log_z_b)
     if outside is not None:
@@ -178,19 +191,18 @@ def _chunk_losses(a, b, chunk, config, grad_factor):
     fkl = torch.mul(p, d, out=scratch).sum(1)
     rkl = torch.mul(q, d, out=scratch).sum(1).neg_()
 
-    # Step 4: gaps |p - q| over head and tail; weights from them (AKL) or fixed. p itself is not
-    # needed any more: q - p takes its buffer.
-    q_minus_p = torch.sub(q, p, out=p)
-    del p
-    if head is not None:
-        gap = torch.abs(q_minus_p, out=scratch)
-        total_gap = gap.sum(1)
-        head_size = head.sum(1)
-        tail_gap = gap.masked_fill_(head, 0.0).sum(1)
-        head_gap = total_gap - tail_gap
+    # Steps 3 and 4: the head/tail split and the gaps |p - q| over head and tail; weights from
+    # them (AKL) or fixed. p is needed by the split, then q - p takes its buffer.
+    if config.split:
+        gap = torch.sub(q, p, out=scratch).abs_()
+        head_gap, tail_gap, head_size, path = _split_gaps(a, max_a, p, gap, invalid, config.mu, chunk.workspace)
+        q_minus_p = torch.sub(q, p, out=p)
     else:
+        q_minus_p = torch.sub(q, p, out=p)
         head_gap = tail_gap = torch.zeros_like(fkl)
         head_size = torch.zeros(fkl.shape, dtype=torch.int64, device=fkl.device)
+        path = torch.zeros(fkl.shape, dtype=torch.int32, device=fkl.device)
+    del p
     if config.mode == LossMode.AKL:
         total_gap = head_gap + tail_gap
         tied = total_gap == 0
@@ -219,7 +231,7 @@ def _chunk_losses(a, b, chunk, config, grad_factor):
         grad.addcmul_(q_minus_p, head_factor)
         if any_invalid:
             grad[invalid] = float("nan")
-    return loss, stats, head_size, grad
+    return loss, stats, head_size, grad, path
 
 
 def _softmax(x, out, out_shifted):
@@ -236,43 +248,109 @@ def _softmax(x, out, out_shifted):
     return e.div_(total), shifted, row_max, total.log_()
 
 
-def _prob(x, row_max, log_z):
-    """softmax values for (R, k) logits x from their rows' (R, 1) max and log normaliser."""
-    return torch.sub(x, row_max).sub_(log_z).exp_()
+def _split_gaps(a, max_a, p, gap, invalid, mu, workspace):
+    """SPEC section 2 steps 3 and 4 for a chunk: (head_gap, tail_gap, head_size, split path), each (R,).
 
-
-def _head_mask(a, max_a, log_z_a, mu, out):
-    """(R, V) bool, written to out: the teacher's head at mass mu (SPEC section 2 step 3).
-
-    The k largest logits of each row (k = TOPK, then 16x more for the rows that need it), their
-    running mass in descending order, and the first token whose running mass exceeds mu (the
-    crossing token, at rank head_count) give the head as {a > a_crossing} plus, when the
-    crossing falls inside a group of tied logits, the ties of lowest index that keep the
-    running mass <= mu (ties_in_head of them). No full sort is needed.
+    a, p: (R, V) logits over T and teacher probabilities (-inf and 0 outside the support);
+    max_a: (R, 1) the rows' largest logit; gap: |p - q|; invalid: (R,) rows whose results are
+    NaN anyway. The head is the longest prefix of the teacher's order (p descending, ties by
+    lower index) whose running mass stays <= mu, at least one token. Where the crossing of mu
+    lies among the TOPK largest logits (most rows at T = 1), those tell the head. Otherwise the
+    row's tokens are put in buckets of logits below its max: the masses and gaps per bucket
+    make every bucket before the one that crosses mu head, and that bucket's few tokens are
+    ordered exactly.
     """
-    n_rows, vocab = a.shape
-    crossing = torch.full((n_rows,), NEG_INF, dtype=a.dtype, device=a.device)
-    ties_in_head = torch.zeros(n_rows, dtype=torch.int64, device=a.device)
-    pending = torch.arange(n_rows, device=a.device)
-    k = min(TOPK, vocab)
-    while pending.numel():
-        rows_a = a if pending.numel() == n_rows else a[pending]
-        top = rows_a.topk(k, dim=1).values  # descending
-        running = _prob(top, max_a[pending], log_z_a[pending]).cumsum_(1)
-        head_count = (running <= mu).sum(1).clamp_(min=1)
-        # Resolved: the crossing is among the k, or every token was seen (then none crosses).
-        resolved = (head_count < k) | (top[:, -1] == NEG_INF) | (k == vocab)
-        at = head_count.clamp(max=k - 1)[:, None]
-        row_crossing = torch.where(head_count < k, top.gather(1, at).squeeze(1), NEG_INF)
-        row_ties = torch.where(row_crossing == NEG_INF, 0, head_count - (top > row_crossing[:, None]).sum(1))
-        crossing[pending[resolved]] = row_crossing[resolved]
-        ties_in_head[pending[resolved]] = row_ties[resolved]
-        pending = pending[~resolved]
-        k = min(16 * k, vocab)
+    n_rows = a.shape[0]
+    head_gap = torch.zeros(n_rows, dtype=p.dtype, device=a.device)
+    head_size = torch.zeros(n_rows, dtype=torch.int64, device=a.device)
+    path = torch.full((n_rows,), SPLIT_PATH_CODES["buckets"], dtype=torch.int32, device=a.device)
+    if mu >= 1.0:
+        path.fill_(SPLIT_PATH_CODES["all head"])
+        total_gap = gap.sum(1)
+        return total_gap, head_gap, torch.count_nonzero(a > NEG_INF, dim=1), path
 
-    head = torch.gt(a, crossing[:, None], out=out)
-    split = (ties_in_head > 0).nonzero().squeeze(1)
-    if split.numel():
-        tie = a[split] == crossing[split, None]
-        head[split] |= tie & (tie.cumsum(1) <= ties_in_head[split, None])
-    return head
+    pending = (~invalid).nonzero().squeeze(1)
+    if workspace.try_top and pending.numel():
+        resolved, top_gap, top_size = _split_in_top(a, p, gap, mu)
+        resolved &= ~invalid
+        head_gap[resolved] = top_gap[resolved]
+        head_size[resolved] = top_size[resolved]
+        path[resolved] = SPLIT_PATH_CODES["top"]
+        pending = (~resolved & ~invalid).nonzero().squeeze(1)
+        # A chunk whose rows mostly needed buckets suggests the next one will too (flat
+        # teachers, high temperatures): skip the top-k there.
+        workspace.try_top = 2 * pending.numel() <= n_rows
+    if pending.numel():
+        rows = (lambda x: x) if pending.numel() == n_rows else (lambda x: x[pending])
+        bucket_gap, bucket_size = _split_in_buckets(rows(a), rows(max_a), rows(p), rows(gap), mu)
+        head_gap[pending] = bucket_gap
+        head_size[pending] = bucket_size
+    return head_gap, gap.sum(1) - head_gap, head_size, path
+
+
+def _in_order(values, indices):
+    """(R, k) values and their indices re-ordered as the teacher's order: value descending, then
+    index ascending (topk's order among equal values is unspecified)."""
+    by_index = indices.argsort(dim=1)
+    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
+    by_value = values.argsort(dim=1, descending=True, stable=True)
+    return values.gather(1, by_value), indices.gather(1, by_value)
+
+
+def _split_in_top(a, p, gap, mu):
+    """The split from each row's TOPK largest logits: (resolved (R,) bool, head gap, head size).
+
+    A row is resolved when the crossing token lies among them and no token outside them shares
+    its value (or the whole support is among them).
+    """
+    k = min(TOPK, a.shape[1])
+    values, indices = _in_order(*a.topk(k, dim=1))
+    support = values > NEG_INF
+    running = p.gather(1, indices).cumsum(1)
+    head_count = torch.minimum((running <= mu).sum(1).clamp_(min=1), support.sum(1))
+    crossing = values.gather(1, head_count.clamp(max=k - 1)[:, None]).squeeze(1)
+    everything_seen = ~support[:, -1] | (k == a.shape[1])
+    resolved = everything_seen | ((head_count < k) & (crossing > values[:, -1]))
+    in_head = torch.arange(k, device=a.device)[None, :] < head_count[:, None]
+    head_gap = torch.where(in_head, gap.gather(1, indices), 0.0).sum(1)
+    return resolved, head_gap, head_count
+
+
+def _split_in_buckets(a, max_a, p, gap, mu):
+    """The split from buckets of logits: (head gap, head size), each (R,).
+
+    Token j goes to bucket floor((max - a_j) * BUCKETS_PER_UNIT), the last bucket taking every
+    lower logit and -inf: equal logits share a bucket, and a lower bucket holds only larger
+    logits than a higher one.
+    """
+    n_rows = a.shape[0]
+    depth = torch.sub(max_a, a).mul_(BUCKETS_PER_UNIT).clamp_(max=SPLIT_BUCKETS - 1)  # bucket = floor(depth)
+    running_mass = torch.zeros(n_rows, SPLIT_BUCKETS, dtype=p.dtype, device=a.device)
+    running_mass = running_mass.scatter_add_(1, depth.to(torch.int64), p).cumsum_(1)
+    crossing = (running_mass <= mu).sum(1)  # the first bucket whose running mass exceeds mu
+    everything = crossing == SPLIT_BUCKETS  # rounding left the whole support within mu
+    crossing.clamp_(max=SPLIT_BUCKETS - 1)
+    first = crossing == 0
+    mass_before = torch.where(first, 0.0, running_mass.gather(1, (crossing - 1).clamp(min=0)[:, None]).squeeze(1))
+    edge = crossing.to(depth.dtype)[:, None]
+    below = depth < edge  # the buckets before the crossing one: head
+    gap_before = torch.where(below, gap, 0.0).sum(1)
+    size_before = torch.count_nonzero(below, dim=1)
+
+    # The crossing bucket's tokens as (row, column) in index order, then in the teacher's order
+    # within each row: value descending, index ascending (outside the support: not head).
+    row, col = torch.argwhere((depth < edge + 1) & ~below).unbind(1)
+    values = a[row, col]
+    order = values.argsort(descending=True, stable=True)
+    order = order[row[order].argsort(stable=True)]
+    row, col, values = row[order], col[order], values[order]
+    counts = torch.bincount(row, minlength=n_rows)
+    start = torch.cumsum(counts, 0) - counts  # each row's first position
+    running = p[row, col].cumsum(0)
+    base = torch.cat((running.new_zeros(1), running))[start[row]]
+    in_head = mass_before[row] + (running - base) <= mu
+    in_head |= (torch.arange(row.numel(), device=a.device) == start[row]) & first[row]  # the first token is head
+    in_head |= everything[row]
+    in_head &= values > NEG_INF
+    head_gap = gap_before.index_add_(0, row, torch.where(in_head, gap[row, col], 0.0))
+    return head_gap, size_before + torch.bincount(row[in_head], minlength=n_rows)
