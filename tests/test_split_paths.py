@@ -45,10 +45,21 @@ def test_flat_teacher_is_bracketed_and_placed_from_the_buffer(backend):
     assert_matches_reference("akl", student, teacher, backend)
 
 
-def test_near_uniform_teacher_takes_several_bracket_passes(backend):
-    # Values within 1e-3 of each other: the first bracket holds more tokens than the buffer.
-    student, teacher = logits(2, LARGE_VOCAB), logits(2, LARGE_VOCAB, scale=1e-3)
+def test_dense_cluster_at_the_crossing_takes_several_bracket_passes(backend):
+    # Two thirds of the tokens within 1e-6 of each other, the rest spread around them: the
+    # first bracket holds the whole cluster, more tokens than the buffer, so a second pass
+    # narrows it.
+    student, teacher = logits(2, LARGE_VOCAB), logits(2, LARGE_VOCAB, scale=0.5)
+    cluster = torch.rand(2, LARGE_VOCAB, generator=torch.Generator().manual_seed(2)) < 2 / 3
+    teacher[cluster] = logits(int(cluster.sum()), scale=1e-6)
     check_paths(backend, student, teacher, lambda name, passes: name.startswith("bracket") and passes >= 2)
+    assert_matches_reference("akl", student, teacher, backend)
+
+
+def test_near_uniform_teacher(backend):
+    # Values within 1e-3 of each other: the row's smallest value floors the first bracket.
+    student, teacher = logits(2, LARGE_VOCAB), logits(2, LARGE_VOCAB, scale=1e-3)
+    check_paths(backend, student, teacher, lambda name, passes: name == "bracket+buffer" and passes == 1)
     assert_matches_reference("akl", student, teacher, backend)
 
 
@@ -123,3 +134,13 @@ def test_many_rows_mixing_paths(backend):
         names = {name for name, _ in split_paths(student, teacher)}
         assert {"top", "bracket+buffer"} <= names, names
     assert_matches_reference("akl", student, teacher, backend)
+
+
+def test_torch_backend_takes_the_top_k_or_the_buckets():
+    from akl_kernels.torch_backend import SPLIT_PATHS as TORCH_PATHS, torch_row_losses
+
+    student = logits(4, VOCAB)
+    teacher = torch.cat([logits(2, VOCAB, scale=4.0), logits(2, VOCAB, scale=0.5)])
+    config = RowLossConfig(mode=LossMode.AKL, mu=0.5, temperature=1.0, split=True)
+    rows = torch_row_losses(student, teacher, None, torch.ones(()), config, compute_grad=False)
+    assert [TORCH_PATHS[code] for code in rows.split_path.tolist()] == ["top", "top", "buckets", "buckets"]
