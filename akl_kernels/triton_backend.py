@@ -869,8 +869,9 @@ def _gradient_kernel(
 
 
 def block_size(vocab: int) -> int:
-    """Columns per block of the streaming passes: the whole row when it is small, else MAX_BLOCK."""
-    return min(MAX_BLOCK, max(2 * TOPK, triton.next_power_of_2(vocab)))
+    """Columns per block of the streaming passes: the row rounded up to a power of two, from 256
+    (fewer sizes, fewer kernels to compile) to MAX_BLOCK."""
+    return min(MAX_BLOCK, max(256, triton.next_power_of_2(vocab)))
 
 
 def search_block_size(block: int) -> int:

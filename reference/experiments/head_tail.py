@@ -56,8 +56,8 @@ SETTINGS = [
 
 def zipf_teacher(vocab: int = 2000, alpha: float = 1.1, seed: int = 0) -> torch.Tensor:
     """(vocab,) float64 logits with p proportional to (1 + rank)^-alpha over a random order."""
-    generator = torch.Generator().manual_seed(seed)
-    rank = torch.randperm(vocab, generator=generator).double()
+    generator = torch.Generator().manual_seed(seed)  # CPU tensors throughout, whatever the default device
+    rank = torch.randperm(vocab, generator=generator, device="cpu").double()
     return -alpha * torch.log1p(rank)
 
 
@@ -82,7 +82,7 @@ def example_teacher(cache: Path) -> torch.Tensor | None:
     best, best_entropy = None, -1.0
     with torch.no_grad():
         for prompt, response in train_example.encode(val[:16], tokenizer, preset):
-            ids = torch.tensor([prompt + response[:4]])
+            ids = torch.tensor([prompt + response[:4]], device="cpu")
             logits = model(input_ids=ids).logits[0, len(prompt) - 1 : len(prompt) + 3].double()
             entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
             i = int(entropy.argmax())
@@ -93,8 +93,9 @@ def example_teacher(cache: Path) -> torch.Tensor | None:
 
 def start_logits(vocab: int, init: str, seed: int = 1) -> torch.Tensor:
     if init == "uniform":
-        return torch.zeros(vocab, dtype=torch.float64)
-    return 2.0 * torch.randn(vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return torch.zeros(vocab, dtype=torch.float64, device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    return 2.0 * torch.randn(vocab, generator=generator, dtype=torch.float64, device="cpu")
 
 
 def fit(teacher_logits: torch.Tensor, loss: str, setting: Setting) -> dict:
