@@ -59,7 +59,7 @@ class RowLosses(NamedTuple):
     grad: student-shaped, student dtype, contiguous: d(sum_i grad_scale * loss_i)/d student,
         0 at ignored rows; None when no gradient was asked for.
     split_path: (N,) int32 code of how each row's head/tail split was found, for diagnostics
-        (the backend's SPLIT_PATHS names them), or None.
+        (the backend's split_path_name names them), or None.
     """
 
     loss: torch.Tensor

@@ -430,11 +430,18 @@ class _LMHead:
 
 @functools.cache
 def _mm_has_float32_output(device, dtype):
-    """Whether torch.mm takes out_dtype=torch.float32 for `dtype` operands on `device` (older
-    torch builds lack it; the float32 copy of the weight is then used, as on a CPU)."""
+    """Whether torch.mm takes out_dtype=torch.float32 for `dtype` operands on `device`, in both
+    forms _LMHead uses (into a float32 out= with a transposed operand, and returning a new
+    tensor); older torch builds lack them, and the float32 copy of the weight is then used, as
+    on a CPU."""
     try:
-        x = torch.ones(2, 2, dtype=dtype, device=device)
-        return torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+        x = torch.ones(2, 3, dtype=dtype, device=device)
+        out = torch.empty(2, 2, dtype=torch.float32, device=device)
+        torch.mm(x, x.T, out_dtype=torch.float32, out=out)
+        product = torch.mm(x.T, x, out_dtype=torch.float32)
+        if device.type == "meta":  # shapes and dtypes only
+            return product.dtype == torch.float32
+        return product.dtype == torch.float32 and bool((out == 3).all()) and bool((product == 2).all())
     except (TypeError, RuntimeError, NotImplementedError):
         return False
 

@@ -19,6 +19,11 @@ INF = float("inf")
 # How the split was found, per row (RowLosses.split_path).
 SPLIT_PATH_CODES = {"none": 0, "top": 1, "all head": 2, "buckets": 3}
 SPLIT_PATHS = {code: name for name, code in SPLIT_PATH_CODES.items()}
+
+
+def split_path_name(code: int) -> str:
+    """The name of a split_path code."""
+    return SPLIT_PATHS[code]
 # Rows whose crossing of mu lies beyond their TOPK largest logits are split by buckets of logits:
 # BUCKETS_PER_UNIT per unit of a = t / T below the row's max, SPLIT_BUCKETS in all (16 units, a
 # factor of 9e6 in probability); the last bucket takes every lower logit.

@@ -51,6 +51,12 @@ PATH_TIES: tl.constexpr = tl.constexpr(4)  # bracket passes down to one tied val
 PATH_SEARCHING: tl.constexpr = tl.constexpr(7)
 SPLIT_PATHS = {0: "none", 1: "top", 2: "all head", 3: "bracket+buffer", 4: "bracket+ties"}
 
+
+def split_path_name(code: int) -> str:
+    """The name of a split_path code: how the split was found, and the bracket passes it took."""
+    passes = code // 8
+    return SPLIT_PATHS[code % 8] + (f" ({passes} pass{'es' if passes > 1 else ''})" if passes else "")
+
 # Thresholds per bracket pass: each pass narrows the bracket about 16x.
 NUM_CANDIDATES = 16
 # Tokens a bracket may hold to be placed from the buffer after pass 2 (per program: CAPACITY x

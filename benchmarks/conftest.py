@@ -4,8 +4,10 @@
     pytest benchmarks/ --benchmark-only --akl-device cpu      # force the CPU matrix
     pytest benchmarks/ --benchmark-only --akl-results PATH    # results file (default benchmarks/results/<device>.json)
 
-At the end of the session the results file is written, rendered into markdown and PNG beside it,
-and the markdown table is printed last.
+The results file (and its markdown) is rewritten after every case, so that a run cut short keeps
+what it measured; at the end of the session it is also rendered to PNG, and the markdown table
+is printed last. On a GPU, the compiled reference runs after everything else (its compilation
+is the slowest step).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import torch
 
 from benchmarks import results
 from benchmarks.contenders import (
+    COMPILED_REFERENCE,
     CONTENDERS,
     LINEAR_CONTENDERS,
     Contender,
     Unavailable,
     contenders_for,
     loss_fn,
+    with_temperature,
 )
 from benchmarks.measure import (
     SLOW_CALL_S,
@@ -36,7 +40,7 @@ from benchmarks.measure import (
     cpu_peak_extra_bytes,
     cuda_copy_bandwidth,
 )
-from benchmarks.workloads import LinearShape, Shape, linear_shapes_for, make_inputs, shapes_for
+from benchmarks.workloads import LinearShape, Shape, make_inputs, shapes_for
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_ROUNDS = {"cpu": 3, "cuda": 10}
@@ -63,11 +67,12 @@ def _device(config) -> torch.device:
 
 
 def pytest_generate_tests(metafunc):
-    device = _device(metafunc.config)
-    for name, shapes in (("case", shapes_for(device)), ("linear_case", linear_shapes_for(device))):
-        if name in metafunc.fixturenames:
-            cases = [(shape, c) for shape in shapes for c in contenders_for(shape)]
-            metafunc.parametrize(name, cases, ids=[f"{s.label}-{c.name}" for s, c in cases])
+    if "case" in metafunc.fixturenames:
+        device = _device(metafunc.config)
+        cases = [(shape, c) for shape in shapes_for(device) for c in contenders_for(shape)]
+        if device.type == "cuda":  # the compiled reference last (stable: the shapes keep their order)
+            cases.sort(key=lambda case: case[1].name == COMPILED_REFERENCE)
+        metafunc.parametrize("case", cases, ids=[f"{s.label}-{c.name}" for s, c in cases])
 
 
 @dataclass
@@ -77,6 +82,7 @@ class BenchSession:
     device: torch.device
     rounds: int
     time_budget: float | None
+    results_path: Path
     started: float = field(default_factory=time.monotonic)
     records: list = field(default_factory=list)
     _inputs: tuple = (None, None)  # (shape, (student, teacher)): one shape at a time, to bound memory
@@ -101,7 +107,7 @@ class BenchSession:
             if (r["contender"], r["label"]) == (ours.name, shape.label) and r["loss_value"] is not None:
                 return r["loss_value"]
         with torch.no_grad():
-            return float(loss_fn(ours, self.device)(*self.inputs(shape)))
+            return float(with_temperature(loss_fn(ours, self.device), shape)(*self.inputs(shape)))
 
     def cpu_memory(self, shape: Shape | LinearShape, selected_shapes) -> dict:
         """Peak extra bytes of every contender that runs on a CPU at `shape`.
@@ -132,12 +138,15 @@ class BenchSession:
     def record(self, shape: Shape | LinearShape, contender: Contender, **figures):
         entry = {"contender": contender.name, "role": contender.role, "label": shape.label, "rows": shape.rows,
                  "hidden": shape.hidden, "vocab": shape.vocab, "dtype": shape.dtype_name,
+                 "temperature": getattr(shape, "temperature", None), "source": getattr(shape, "source", None),
+                 "split_paths": None,
                  "status": "measured", "reason": None, "rounds": None, "forward_s": None, "backward_s": None,
                  "fwd_bwd_s": None, "peak_extra_bytes": None, "memory_note": None, "grad_bytes": None,
                  "memory_ratio": None, "minimal_bytes": None, "bandwidth_bytes_per_s": None,
                  "copy_bandwidth_fraction": None, "loss_value": None, "expected_loss_value": None}
         entry.update(figures)
         self.records.append(entry)
+        results.write(self.results_path, _environment(self), self.records, plot=False)  # kept if the run is cut
 
     def skip(self, shape: Shape | LinearShape, contender: Contender, reason: str):
         self.record(shape, contender, status="skipped", reason=reason)
@@ -150,7 +159,8 @@ _SESSION = pytest.StashKey[BenchSession]()
 def pytest_configure(config):
     device = _device(config)
     rounds = config.getoption("--akl-rounds") or DEFAULT_ROUNDS[device.type]
-    config.stash[_SESSION] = BenchSession(device, rounds, config.getoption("--akl-time-budget"))
+    path = config.getoption("--akl-results") or RESULTS_DIR / f"{device.type}.json"
+    config.stash[_SESSION] = BenchSession(device, rounds, config.getoption("--akl-time-budget"), path)
 
 
 @pytest.fixture(scope="session")
@@ -199,9 +209,8 @@ def pytest_sessionfinish(session, exitstatus):
     bench = session.config.stash.get(_SESSION, None)
     if bench is None or not bench.records:
         return
-    path = session.config.getoption("--akl-results") or RESULTS_DIR / f"{bench.device.type}.json"
-    results.write(path, _environment(bench), bench.records)
-    session.config.stash[_REPORT] = path
+    results.write(bench.results_path, _environment(bench), bench.records)
+    session.config.stash[_REPORT] = bench.results_path
 
 
 _REPORT = pytest.StashKey[Path]()

@@ -1,11 +1,13 @@
-"""The losses the benchmarks time, each as `fn(student_logits, teacher_logits) -> scalar loss`,
-or for the fused-linear workloads `fn(student_hidden, student_weight, teacher_hidden, teacher_weight)`.
+"""The losses the benchmarks time, each as `fn(student_logits, teacher_logits, temperature) -> scalar
+loss`, or for the fused-linear workloads `fn(student_hidden, student_weight, teacher_hidden, teacher_weight)`.
 
 Ours (`akl_loss`, `fkl_loss`, `rkl_loss`, backend "auto": Triton on a GPU, the torch backend
 on a CPU), the sort-based reference in eager mode and under `torch.compile`, and, where
 `liger_kernel` is importable and a GPU is present, Liger-Kernel's JSD at beta 0 and 1 (its
-forward and reverse KL) and its KL-divergence loss. Peers get log-softmaxed inputs, as they
-require; the log-softmax is part of their time, since a user holding logits must pay it.
+forward and reverse KL) and its KL-divergence loss. Peers get log-softmaxed inputs (of the logits
+over T), as they require; the log-softmax is part of their time, since a user holding logits must
+pay it. The split-price workloads (T = 2, real rows) run our losses and, on a GPU, the peers;
+the reference and its compiled form stay with the main matrix.
 
 Fused-linear workloads compare fused_linear_akl_loss with what a user writes without it: the
 lm_head's logits materialised by F.linear (in the inputs' dtype), then akl_loss on them.
@@ -53,12 +55,12 @@ def loss_fn(contender: Contender, device: torch.device) -> LossFn:
     return contender.build(device)
 
 
-def _reference_akl(student, teacher):
-    return reference_loss(student, teacher)[0]
+def _reference_akl(student, teacher, temperature=1.0):
+    return reference_loss(student, teacher, temperature=temperature)[0]
 
 
 def _ours(loss_fn) -> Callable[[torch.device], LossFn]:
-    return lambda device: lambda student, teacher: loss_fn(student, teacher)
+    return lambda device: lambda student, teacher, temperature=1.0: loss_fn(student, teacher, temperature=temperature)
 
 
 def _reference_compiled(device: torch.device) -> LossFn:
@@ -77,8 +79,9 @@ def _liger(kind: str) -> Callable[[torch.device], LossFn]:
         except ImportError as error:
             raise Unavailable(f"liger_kernel is not importable ({error})") from None
 
-        def loss(student, teacher):
-            log_q, log_p = torch.log_softmax(student, dim=-1), torch.log_softmax(teacher, dim=-1)
+        def loss(student, teacher, temperature=1.0):
+            log_q = torch.log_softmax(student / temperature, dim=-1)
+            log_p = torch.log_softmax(teacher / temperature, dim=-1)
             if kind == "jsd-beta0":  # beta = 0: KL(p || q), mean over rows
                 return liger_jsd(log_q, log_p, beta=0.0)
             if kind == "jsd-beta1":  # beta = 1: KL(q || p), mean over rows
@@ -115,8 +118,22 @@ LINEAR_CONTENDERS = [
 ]
 FUSED_LINEAR, MATERIALISED_LINEAR = (c.name for c in LINEAR_CONTENDERS)
 BY_NAME = {c.name: c for c in CONTENDERS + LINEAR_CONTENDERS}
+COMPILED_REFERENCE = "reference (torch.compile)"
+
+
+def with_temperature(fn: LossFn, shape) -> LossFn:
+    """fn bound to the workload's temperature (logits workloads; hidden-state ones take none)."""
+    if shape.hidden is not None:
+        return fn
+    return functools.partial(fn, temperature=shape.temperature)
 
 
 def contenders_for(shape) -> list[Contender]:
-    """The contenders of a workload: LINEAR_CONTENDERS for hidden-state shapes, else CONTENDERS."""
-    return CONTENDERS if shape.hidden is None else LINEAR_CONTENDERS
+    """The contenders of a workload: LINEAR_CONTENDERS for hidden-state shapes, CONTENDERS for
+    the main matrix, and those but the reference (eager and compiled) for the split-price
+    workloads (temperature other than 1, or real rows)."""
+    if shape.hidden is not None:
+        return LINEAR_CONTENDERS
+    if shape.temperature != 1.0 or shape.source != "lm":
+        return [c for c in CONTENDERS if c.role in ("ours", "peer") and c.name != COMPILED_REFERENCE]
+    return CONTENDERS

@@ -23,12 +23,13 @@ import time
 
 import torch
 
-from benchmarks.contenders import BY_NAME, LossFn, contenders_for, loss_fn
+from benchmarks.contenders import BY_NAME, LossFn, contenders_for, loss_fn, with_temperature
 from benchmarks.workloads import LinearShape, Shape, make_inputs, shape_from_label
 
 # A contender whose warm-up call takes longer than SLOW_CALL_S seconds is timed over at most
 # SLOW_ROUNDS rounds (the eager reference at the largest GPU shapes), to bound the run's length.
 SLOW_CALL_S, SLOW_ROUNDS = 1.0, 3
+REFERENCE_FLOAT32_COPIES = 18
 
 
 def synchronize(device: torch.device) -> None:
@@ -39,18 +40,50 @@ def synchronize(device: torch.device) -> None:
 def forward_backward(fn: LossFn, inputs: tuple, differentiated: int, device, phase_times=None):
     """One forward + backward of fn(*inputs), the first `differentiated` inputs as fresh leaves.
 
-    Appends (forward_s, backward_s) to phase_times; returns the loss and the leaves' gradients.
+    Appends (forward_s, backward_s) to phase_times (on a GPU timed with CUDA events around each
+    phase, on a CPU with the host clock); returns the loss and the leaves' gradients.
     """
     leaves = [x.detach().requires_grad_(True) for x in inputs[:differentiated]]
-    start = time.perf_counter()
-    loss = fn(*leaves, *inputs[differentiated:])
-    synchronize(device)
-    middle = time.perf_counter()
-    loss.backward()
-    synchronize(device)
+    if device.type == "cuda":
+        start, middle, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        start.record()
+        loss = fn(*leaves, *inputs[differentiated:])
+        middle.record()
+        loss.backward()
+        end.record()
+        end.synchronize()
+        times = (start.elapsed_time(middle) / 1e3, middle.elapsed_time(end) / 1e3)
+    else:
+        start = time.perf_counter()
+        loss = fn(*leaves, *inputs[differentiated:])
+        middle = time.perf_counter()
+        loss.backward()
+        times = (middle - start, time.perf_counter() - middle)
     if phase_times is not None:
-        phase_times.append((middle - start, time.perf_counter() - middle))
+        phase_times.append(times)
     return loss.detach(), [leaf.grad for leaf in leaves]
+
+
+def release_cuda_memory(device) -> None:
+    """Return cached blocks to the device once nothing refers to them (collect first: a caught
+    exception's traceback keeps its frames' tensors alive until it is dropped)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reference_fits(rows: int, vocab: int, device) -> tuple[bool, str]:
+    """Whether the eager reference can run at (rows, vocab) on `device`: it holds about
+    REFERENCE_FLOAT32_COPIES float32 copies of the logits at once (its sort, softmaxes and
+    autograd graph; measured 18x the gradient on a CPU)."""
+    if device.type != "cuda":
+        return True, ""
+    needed = REFERENCE_FLOAT32_COPIES * rows * vocab * 4
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed <= 0.9 * free:
+        return True, ""
+    return False, (f"needs about {needed / 2**30:.0f} GiB ({REFERENCE_FLOAT32_COPIES} float32 copies of the logits); "
+                   f"{free / 2**30:.0f} GiB free on the device")
 
 
 def first_rows(inputs: tuple, differentiated: int, rows: int = 8) -> tuple:
@@ -74,13 +107,31 @@ def phase_medians(phase_times):
 
 def cuda_peak_extra_bytes(fn: LossFn, inputs: tuple, differentiated: int, device) -> int:
     """Peak bytes one forward + backward adds to what was allocated before it (gradients included)."""
-    gc.collect()
+    release_cuda_memory(device)
     synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     forward_backward(fn, inputs, differentiated, device)
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def split_path_shares(student, teacher, temperature: float, device) -> dict[str, float]:
+    """Share of rows whose head/tail split takes each path of akl_loss's backend on `device`
+    (the backend's split_path codes, by name)."""
+    import sys
+
+    from akl_kernels._rows import LossMode, RowLossConfig
+    from akl_kernels.loss import select_backend
+
+    row_losses = select_backend("auto", device)
+    config = RowLossConfig(mode=LossMode.AKL, mu=0.5, temperature=temperature, split=True)
+    with torch.no_grad():
+        codes = row_losses(student, teacher, None, torch.ones((), device=device), config, False).split_path
+    names = sys.modules[row_losses.__module__].split_path_name
+    counts = torch.bincount(codes.reshape(-1).long().cpu())
+    total = int(counts.sum())
+    return {names(code): int(n) / total for code, n in enumerate(counts.tolist()) if n}
 
 
 def cuda_copy_bandwidth(device, nbytes=2 << 30, repeats=20) -> float:
@@ -138,7 +189,7 @@ def _probe(shape: Shape | LinearShape, names: list[str]) -> dict[str, dict]:
         if BY_NAME[name] not in contenders_for(shape):
             continue
         try:
-            fn = loss_fn(BY_NAME[name], device)
+            fn = with_temperature(loss_fn(BY_NAME[name], device), shape)
             # first call on a few rows of the same vocabulary: lazy imports and compilation
             # happen here, not inside the measured call (compiled contenders are dynamic in N)
             forward_backward(fn, first_rows(inputs, shape.differentiated), shape.differentiated, device)

@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.contenders import FUSED_LINEAR, MATERIALISED_LINEAR
-from benchmarks.workloads import FUSED_LINEAR_MEMORY_TARGET, SPEC_CPU_TARGET
+from benchmarks.workloads import FUSED_LINEAR_MEMORY_TARGET, SPEC_CPU_TARGET, SPLIT_PRICE_TARGET
 
 OURS = "akl_loss"
 MIB = 2**20
@@ -46,28 +46,36 @@ def _ratio(record, base, field):
     return record[field] / base[field]
 
 
-def write(path: Path, environment: dict, records: list[dict]) -> None:
+def write(path: Path, environment: dict, records: list[dict], plot: bool = True) -> None:
+    """Write the results file and its markdown (and, with plot, the PNG) beside it."""
     add_ratios(records)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": environment, "results": records}, indent=1) + "\n")
-    render(path)
+    render(path, plot)
 
 
-def render(path: Path) -> tuple[Path, Path]:
+def render(path: Path, plot: bool = True) -> tuple[Path, Path]:
     data = json.loads(path.read_text())
-    markdown, plot = path.with_suffix(".md"), path.with_suffix(".png")
-    markdown.write_text(markdown_report(data, plot_name=plot.name))
-    _plot(data, plot)
-    return markdown, plot
+    markdown, plot_path = path.with_suffix(".md"), path.with_suffix(".png")
+    markdown.write_text(markdown_report(data, plot_name=plot_path.name if plot else None))
+    if plot:
+        _plot(data, plot_path)
+    return markdown, plot_path
 
 
 def _shape_key(r):
-    return r["dtype"], r["rows"], r.get("hidden"), r["vocab"]
+    # results written before the split-price workloads have no temperature or source: T = 1, LM-like
+    return r["dtype"], r["rows"], r.get("hidden"), r["vocab"], r.get("temperature") or 1.0, r.get("source") or "lm"
 
 
 def _shape_text(r):
     sizes = (r["rows"], r["vocab"]) if r.get("hidden") is None else (r["rows"], r["hidden"], r["vocab"])
-    return f"{r['dtype']} " + " x ".join(str(n) for n in sizes)
+    text = f"{r['dtype']} " + " x ".join(str(n) for n in sizes)
+    if r.get("source") == "real":
+        text += " real rows"
+    if r.get("temperature") not in (None, 1.0):
+        text += f" T={r['temperature']:g}"
+    return text
 
 
 def _fmt(value, scale=1.0, digits=1, unit=""):
@@ -103,6 +111,7 @@ def markdown_report(data, plot_name=None) -> str:
             row += [_fmt(r["bandwidth_bytes_per_s"], 1e-9, 0), _fmt(r["copy_bandwidth_fraction"], 100, 0, "%")]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", *spec_summary(data)]
+    lines += split_price_summary(data)
     lines += _fused_linear_report(records)
     if skipped:
         lines += ["", "Skipped (contender, shape: reason):", ""]
@@ -162,9 +171,10 @@ def _method(env) -> str:
                  "that one forward+backward adds to its inputs, gradient included, and that peak over the gradient's "
                  "size.")
     if gpu:
+        copy = env.get("copy_bandwidth_bytes_per_s")
         parts.append("Bandwidth: minimal bytes (read student and teacher once, write the gradient once) over the "
                      "forward+backward time, and its fraction of a device-to-device copy measured in the same run "
-                     f"({env['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s).")
+                     + (f"({copy / 1e9:.0f} GB/s)." if copy else "(not measured in this run)."))
     return " ".join(parts)
 
 
@@ -174,7 +184,7 @@ def spec_summary(data) -> list[str]:
     measured = {(r["contender"], *_shape_key(r)): r for r in records if r["status"] == "measured"}
     if env["device_type"] != "cuda":
         t = SPEC_CPU_TARGET
-        key = (t["dtype"], t["rows"], None, t["vocab"])
+        key = (t["dtype"], t["rows"], None, t["vocab"], 1.0, "lm")
         ours, ref = measured.get((OURS, *key)), measured.get(("reference (eager)", *key))
         if not (ours and ref):
             return [f"SPEC section 5 CPU target ({t['dtype']}, N={t['rows']}, V={t['vocab']}): not measured in this run."]
@@ -190,19 +200,40 @@ def spec_summary(data) -> list[str]:
     lines = [f"SPEC section 5 GPU targets (N x V >= 2^30, forward+backward): at least "
              f"{SPEC_GPU_BANDWIDTH_FRACTION:.0%} of copy bandwidth, faster than the best peer and than torch.compile "
              "of the reference.", ""]
-    for (name, dtype, rows, _hidden, vocab), r in measured.items():
-        if name != OURS or rows * vocab < SPEC_GPU_MIN_ELEMENTS:
+    for (name, *key), r in measured.items():
+        if name != OURS or r["rows"] * r["vocab"] < SPEC_GPU_MIN_ELEMENTS:
             continue
-        peers = [p for (_, *k), p in measured.items() if p["role"] == "peer" and tuple(k) == (dtype, rows, None, vocab)]
+        peers = [p for (_, *k), p in measured.items() if p["role"] == "peer" and k == key]
         best = min(peers, key=lambda p: p["fwd_bwd_s"], default=None)
         fraction = r["copy_bandwidth_fraction"]
+        bandwidth = ("copy bandwidth not measured" if fraction is None else
+                     f"{fraction:.0%} of copy bandwidth ({'met' if fraction >= SPEC_GPU_BANDWIDTH_FRACTION else 'NOT met'})")
         lines.append(
-            f"- {dtype} {rows} x {vocab}: {fraction:.0%} of copy bandwidth "
-            f"({'met' if fraction >= SPEC_GPU_BANDWIDTH_FRACTION else 'NOT met'}); "
+            f"- {_shape_text(r)}: {bandwidth}; "
             + (f"fastest peer {best['contender']} takes {best['time_ratio_to_akl_loss']:.2f}x our time "
                f"({'met' if best['time_ratio_to_akl_loss'] > 1 else 'NOT met'})" if best else "no peer measured")
         )
     return lines
+
+
+def split_price_summary(data) -> list[str]:
+    """SPEC section 5's split price: akl_loss forward+backward over fkl_loss's on the same inputs,
+    per logits workload, with the share of rows that took each path of the split."""
+    measured = {(r["contender"], *_shape_key(r)): r for r in data["results"] if r["status"] == "measured"}
+    lines = []
+    for (name, *key), akl in measured.items():
+        fkl = measured.get(("fkl_loss", *key))
+        if name != OURS or fkl is None:
+            continue
+        price = akl["fwd_bwd_s"] / fkl["fwd_bwd_s"]
+        paths = ", ".join(f"{path} {share:.0%}" for path, share in sorted((akl.get("split_paths") or {}).items()))
+        lines.append(f"| {_shape_text(akl)} | {_fmt(akl['fwd_bwd_s'], 1e3)} | {_fmt(fkl['fwd_bwd_s'], 1e3)} | "
+                     f"**{price:.2f}x** ({'met' if price <= SPLIT_PRICE_TARGET else 'NOT met'}) | {paths} |")
+    if not lines:
+        return []
+    return ["", f"Split price (SPEC section 5: akl_loss forward+backward at most {SPLIT_PRICE_TARGET}x fkl_loss's), "
+            "with the share of rows that took each path of the head/tail split:", "",
+            "| shape | akl_loss ms | fkl_loss ms | akl / fkl | split paths |", "|---|---:|---:|---:|---|", *lines]
 
 
 def _plot(data, path: Path) -> None:
@@ -211,7 +242,8 @@ def _plot(data, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in data["results"] if r["status"] == "measured" and r.get("hidden") is None]
+    records = [r for r in data["results"] if r["status"] == "measured" and r.get("hidden") is None
+               and _shape_key(r)[4:] == (1.0, "lm")]  # the main matrix
     panels = sorted({(r["dtype"], r["rows"]) for r in records})
     fig, axes = plt.subplots(len(panels) or 1, 2, figsize=(11, 3.2 * max(1, len(panels))), squeeze=False)
     for (dtype, rows), (time_ax, memory_ax) in zip(panels, axes):

@@ -1,7 +1,7 @@
 """Forward, backward and forward+backward time, peak memory and bandwidth of every contender.
 
-One case per (shape, contender), for the logits losses (test_loss) and for the fused-linear
-loss against materialised logits (test_fused_linear_loss); see benchmarks/conftest.py for the
+One case per (workload, contender), logits losses and the fused-linear loss against materialised
+logits alike; see benchmarks/conftest.py for the
 options and the results file, benchmarks/contenders.py for what is measured,
 benchmarks/measure.py for how.
 """
@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from benchmarks.contenders import Unavailable, loss_fn
+from benchmarks.contenders import Unavailable, loss_fn, with_temperature
 from benchmarks.measure import (
     SLOW_CALL_S,
     SLOW_ROUNDS,
@@ -21,6 +21,9 @@ from benchmarks.measure import (
     forward_backward,
     grad_bytes,
     phase_medians,
+    reference_fits,
+    release_cuda_memory,
+    split_path_shares,
 )
 
 
@@ -30,12 +33,8 @@ def _value_tolerance(dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 2e-2
 
 
-# The fused-linear cases come first: on a GPU, a --akl-time-budget then cuts logits cases only.
-def test_fused_linear_loss(linear_case, benchmark, bench, request):
-    _measure(*linear_case, benchmark, bench, request)
-
-
 def test_loss(case, benchmark, bench, request):
+    """One contender on one workload (benchmarks/workloads.py shapes_for gives the order)."""
     _measure(*case, benchmark, bench, request)
 
 
@@ -44,16 +43,24 @@ def _measure(shape, contender, benchmark, bench, request):
     if bench.over_budget():
         bench.skip(shape, contender, f"the run's time budget of {bench.time_budget:.0f} s was spent")
     try:
-        fn = loss_fn(contender, device)
+        fn = with_temperature(loss_fn(contender, device), shape)
     except Unavailable as reason:
         bench.skip(shape, contender, str(reason))
-    inputs = bench.inputs(shape)
+    if contender.role == "reference" and shape.hidden is None:
+        fits, reason = reference_fits(shape.rows, shape.vocab, device)
+        if not fits:
+            bench.skip(shape, contender, reason)
+    try:
+        inputs = bench.inputs(shape)
+    except FileNotFoundError as missing:  # the real rows live outside the repository
+        bench.skip(shape, contender, str(missing))
     differentiated = shape.differentiated
     benchmark.group = shape.label
     benchmark.extra_info.update(contender=contender.name, rows=shape.rows, hidden=shape.hidden, vocab=shape.vocab,
                                 dtype=shape.dtype_name)
 
     phase_times = []
+    failure = None
     try:
         rounds = bench.rounds
         if device.type == "cuda":
@@ -73,10 +80,11 @@ def _measure(shape, contender, benchmark, bench, request):
     except Exception as error:  # a peer that fails here is skipped with the reason; ours must not fail
         if contender.ours:
             raise
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        bench.skip(shape, contender, f"failed with {type(error).__name__}: {message[:200]}")
+        failure = f"failed with {type(error).__name__}: {message[:200]}"
+    if failure is not None:  # outside the except block, the exception and its frames are gone
+        release_cuda_memory(device)
+        bench.skip(shape, contender, failure)
 
     memory_note = None
     if device.type == "cpu":
@@ -90,6 +98,8 @@ def _measure(shape, contender, benchmark, bench, request):
                    memory_ratio=None if peak is None else peak / gradient_bytes,
                    loss_value=float(loss),
                    expected_loss_value=None if contender.ours else bench.expected_loss(shape, contender.computes))
+    if contender.name == "akl_loss":
+        figures["split_paths"] = split_path_shares(*inputs, shape.temperature, device)
     if device.type == "cuda" and shape.hidden is None:
         student, teacher = inputs
         minimal = student.numel() * (student.element_size() + teacher.element_size() + grads[0].element_size())
@@ -111,7 +121,6 @@ def _selected_shapes(session):
     shapes = []
     for item in session.items:
         params = getattr(item, "callspec", None)
-        for key in ("case", "linear_case"):
-            if params is not None and key in params.params:
-                shapes.append(params.params[key][0])
+        if params is not None and "case" in params.params:
+            shapes.append(params.params["case"][0])
     return shapes

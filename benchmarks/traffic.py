@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 from akl_kernels._rows import LossMode, RowLossConfig  # noqa: E402
-from akl_kernels.triton_backend import SPLIT_PATHS, triton_row_losses  # noqa: E402
+from akl_kernels.triton_backend import split_path_name, triton_row_losses  # noqa: E402
 from benchmarks.workloads import real_rows, realistic_logits  # noqa: E402
 
 UNIT_NAMES = ("teacher", "student", "gradient")
@@ -129,11 +129,6 @@ def count_rows(student, teacher, *, mode=LossMode.AKL, mu=0.5, temperature=1.0, 
     return RowTraffic(units["teacher"], units["student"], units["gradient"], other, kept,
                       None if paths is None else [split_path_name(code) for code in paths.tolist()])
 
-
-def split_path_name(code: int) -> str:
-    """The name of a split_path code: how the split was found, and the bracket passes it took."""
-    passes = code // 8
-    return SPLIT_PATHS[code % 8] + (f" ({passes} pass{'es' if passes > 1 else ''})" if passes else "")
 
 
 # ---- input classes ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Benchmark inputs: language-model-like logits or hidden states, and the shapes each device is measured at."""
+"""Benchmark inputs: language-model-like or real logits, or hidden states, and the shapes each device is measured at."""
 
 from __future__ import annotations
 
@@ -16,6 +16,14 @@ import torch
 # alone took 45 s. GPU: realistic training shapes, bf16 and fp32, up to N*V = 2^31 elements.
 CPU_SHAPES = ((256, 32000), (256, 50257), (1024, 32000))
 GPU_ROWS, GPU_VOCABS, GPU_DTYPES = (4096, 16384), (32000, 50257, 128256), (torch.bfloat16, torch.float32)
+# Issue 11's split-price workloads: the LM-like logits at T = 2 (heads of thousands of tokens)
+# and the real SmolLM2 rows (V = 49152) tiled to the matrix's row count, at T = 1 and T = 2; on a
+# CPU with our losses only (akl_loss over fkl_loss is SPEC section 5's split price), on a GPU
+# with the peers too.
+REAL_VOCAB = 49152
+CPU_SPLIT_SHAPES = (("lm", 1024, 32000, 2.0), ("real", 1024, REAL_VOCAB, 1.0), ("real", 1024, REAL_VOCAB, 2.0))
+GPU_SPLIT_SHAPES = (("lm", 16384, 128256, 2.0), ("real", 16384, REAL_VOCAB, 1.0), ("real", 16384, REAL_VOCAB, 2.0))
+SPLIT_PRICE_TARGET = 1.5  # akl_loss forward+backward at most this times fkl_loss's
 SPEC_CPU_TARGET = {"rows": 1024, "vocab": 32000, "dtype": "float32", "speedup": 8.0, "memory_ratio": 1.25}
 # Issue 6's fused-linear shapes (N tokens, hidden size H, vocabulary V) and its CPU memory target:
 # fused_linear_akl_loss needs at least 5x less peak memory than materialised logits.
@@ -26,11 +34,14 @@ FUSED_LINEAR_MEMORY_TARGET = 5.0
 
 @dataclass(frozen=True)
 class Shape:
-    """Logits workloads: N rows of V student and teacher logits; the student's get a gradient."""
+    """Logits workloads: N rows of V student and teacher logits at temperature T; the student's
+    get a gradient. source "lm": realistic_logits; "real": the SmolLM2 rows, tiled."""
 
     rows: int
     vocab: int
     dtype: torch.dtype
+    temperature: float = 1.0
+    source: str = "lm"
     hidden: ClassVar[None] = None
     differentiated: ClassVar[int] = 1  # leading inputs that receive a gradient
 
@@ -40,8 +51,8 @@ class Shape:
 
     @property
     def label(self) -> str:
-        return f"{self.dtype_name}-{self.rows}x{self.vocab}"
-
+        suffix = ("-real" if self.source == "real" else "") + (f"-T{self.temperature:g}" if self.temperature != 1 else "")
+        return f"{self.dtype_name}-{self.rows}x{self.vocab}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -63,10 +74,14 @@ class LinearShape:
 
 
 def shape_from_label(label: str) -> Shape | LinearShape:
-    """The Shape ("float32-1024x32000") or LinearShape ("float32-2048x512x32000") of a label."""
-    dtype, size = label.split("-")
+    """The Shape ("float32-1024x32000", "float32-1024x49152-real-T2") or LinearShape
+    ("float32-2048x512x32000") of a label."""
+    dtype, size, *tags = label.split("-")
     sizes = [int(n) for n in size.split("x")]
-    return (Shape if len(sizes) == 2 else LinearShape)(*sizes, getattr(torch, dtype))
+    if len(sizes) == 3:
+        return LinearShape(*sizes, getattr(torch, dtype))
+    temperature = next((float(tag[1:]) for tag in tags if tag.startswith("T")), 1.0)
+    return Shape(*sizes, getattr(torch, dtype), temperature, "real" if "real" in tags else "lm")
 
 
 def linear_shapes_for(device: torch.device) -> list[LinearShape]:
@@ -75,27 +90,48 @@ def linear_shapes_for(device: torch.device) -> list[LinearShape]:
     return [LinearShape(n, h, v, getattr(torch, d)) for n, h, v, d in shapes]
 
 
-def shapes_for(device: torch.device) -> list[Shape]:
-    """The benchmark matrix of a device type, ordered so that equal inputs are adjacent."""
+def shapes_for(device: torch.device) -> list[Shape | LinearShape]:
+    """Every workload of a device type, logits and hidden states, in the order they run.
+
+    On a GPU the SPEC target shapes (N x V >= 2^30) come first, then the split-price workloads,
+    the fused-linear case and the rest of the matrix largest first, so that a time budget cuts
+    the least useful. On a CPU the fused-linear case first, then the matrix.
+    """
+    linear = linear_shapes_for(device)
     if device.type == "cuda":
-        return [Shape(n, v, d) for d in GPU_DTYPES for n in GPU_ROWS for v in GPU_VOCABS]
-    return [Shape(n, v, torch.float32) for n, v in CPU_SHAPES]
+        matrix = [Shape(n, v, d) for d in GPU_DTYPES for n in GPU_ROWS for v in GPU_VOCABS]
+        target = [s for s in matrix if s.rows * s.vocab >= 2**30]
+        split = [Shape(n, v, torch.bfloat16, t, source) for source, n, v, t in GPU_SPLIT_SHAPES]
+        rest = sorted((s for s in matrix if s not in target), key=lambda s: -s.rows * s.vocab)
+        return target + split + linear + rest
+    return linear + [Shape(n, v, torch.float32) for n, v in CPU_SHAPES] + [
+        Shape(n, v, torch.float32, t, source) for source, n, v, t in CPU_SPLIT_SHAPES]
 
 
-# Real next-token logits (SmolLM2-135M-Instruct, 129 rows x 49152, bf16), shipped in the project's
-# shared folder beside the repository; AKL_REAL_ROWS overrides the path.
-REAL_ROWS_PATH = Path(os.environ.get(
-    "AKL_REAL_ROWS", Path(__file__).resolve().parents[2] / "shared" / "data" / "smollm2_rows_bf16.pt"))
+# Real next-token logits (SmolLM2-135M-Instruct, 129 rows x 49152, bf16), in the project's shared
+# folder: beside the repository, or inside it; AKL_REAL_ROWS names the file instead.
+_ROOT = Path(__file__).resolve().parents[1]
+REAL_ROWS_PATHS = [Path(os.environ["AKL_REAL_ROWS"])] if "AKL_REAL_ROWS" in os.environ else [
+    root / "shared" / "data" / "smollm2_rows_bf16.pt" for root in (_ROOT.parent, _ROOT)]
 
 
 @functools.cache
 def real_rows() -> torch.Tensor:
     """The real rows as a (129, 49152) bfloat16 CPU tensor; row i + 1 serves as the student of row i."""
-    if not REAL_ROWS_PATH.exists():
-        raise FileNotFoundError(
-            f"real logits not found at {REAL_ROWS_PATH}: the project's shared/data folder must sit beside "
-            "the repository, or set AKL_REAL_ROWS to the file")
-    return torch.load(REAL_ROWS_PATH, weights_only=True)
+    for path in REAL_ROWS_PATHS:
+        if path.exists():
+            return torch.load(path, weights_only=True)
+    raise FileNotFoundError(
+        f"real logits not found at {' or '.join(map(str, REAL_ROWS_PATHS))}: the project's shared/data folder "
+        "must sit beside the repository (or in it), or set AKL_REAL_ROWS to the file")
+
+
+def tiled_real_rows(rows: int, device, dtype=torch.bfloat16) -> tuple:
+    """(student, teacher) of `rows` rows: real row i % 128 as the teacher, the next real row as its student."""
+    data = real_rows()
+    index = torch.arange(rows) % (data.shape[0] - 1)
+    teacher, student = data[index], data[index + 1]
+    return student.to(device=device, dtype=dtype), teacher.to(device=device, dtype=dtype)
 
 
 def realistic_logits(rows, vocab, *, generator, dtype=torch.float32, device="cpu"):
@@ -118,6 +154,8 @@ def make_inputs(shape: Shape | LinearShape, device: torch.device, seed: int = 0)
     generator = torch.Generator(device=device).manual_seed(seed)
     if isinstance(shape, LinearShape):
         return linear_inputs(shape, generator, device)
+    if shape.source == "real":
+        return tiled_real_rows(shape.rows, device, shape.dtype)
     student = realistic_logits(shape.rows, shape.vocab, generator=generator, dtype=shape.dtype, device=device)
     teacher = realistic_logits(shape.rows, shape.vocab, generator=generator, dtype=shape.dtype, device=device)
     return student, teacher

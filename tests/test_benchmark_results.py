@@ -100,3 +100,29 @@ def test_fused_linear_records_get_their_own_table_and_verdict(tmp_path):
     records[1]["peak_extra_bytes"] = 200 * 2**20
     text = results.markdown_report({"environment": environment("cpu"), "results": _with_ratios(records)})
     assert "**4.0x less** peak extra memory than materialised logits (target at least 5x: NOT met)" in text
+
+
+def test_split_price_per_workload_with_path_shares(tmp_path):
+    paths = {"top": 0.75, "buckets": 0.25}
+    records = [
+        record("akl_loss", 1024, 32000, "float32", 0.30, split_paths=paths),
+        record("fkl_loss", 1024, 32000, "float32", 0.20),
+        record("akl_loss", 1024, 49152, "float32", 0.50, temperature=2.0, source="real", split_paths={"buckets": 1.0}),
+        record("fkl_loss", 1024, 49152, "float32", 0.25, temperature=2.0, source="real"),
+    ]
+    path = tmp_path / "cpu.json"
+    results.write(path, environment("cpu"), records, plot=False)
+    markdown = path.with_suffix(".md").read_text()
+    assert not path.with_suffix(".png").exists()  # the PNG only at the end of a run
+    assert "| float32 1024 x 32000 | 300.0 | 200.0 | **1.50x** (met) | buckets 25%, top 75% |" in markdown
+    assert "| float32 1024 x 49152 real rows T=2 | 500.0 | 250.0 | **2.00x** (NOT met) | buckets 100% |" in markdown
+    # each workload's ratios are against akl_loss of the same workload, not of another temperature
+    ratios = {(r["contender"], r["vocab"]): r["time_ratio_to_akl_loss"] for r in json.loads(path.read_text())["results"]}
+    assert ratios[("fkl_loss", 49152)] == 0.5 and ratios[("fkl_loss", 32000)] == 0.2 / 0.3
+
+
+def test_gpu_results_without_copy_bandwidth_still_render():
+    records = [record("akl_loss", 16384, 128256, "bfloat16", 0.010)]
+    text = results.markdown_report({"environment": environment("cuda", None), "results": _with_ratios(records)})
+    assert "(not measured in this run)" in text
+    assert "- bfloat16 16384 x 128256: copy bandwidth not measured; no peer measured" in text

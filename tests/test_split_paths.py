@@ -34,6 +34,10 @@ def check_paths(backend, student, teacher, expected, **kwargs):
         assert all(expected(name, passes) for name, passes in paths), paths
 
 
+def _generator(seed):
+    return torch.Generator(torch.get_default_device()).manual_seed(seed)  # CUDA under AKL_TEST_DEVICE=cuda
+
+
 def logits(*shape, scale=1.0):
     return torch.randn(*shape, dtype=torch.float64).mul(scale).float()
 
@@ -50,7 +54,7 @@ def test_dense_cluster_at_the_crossing_takes_several_bracket_passes(backend):
     # first bracket holds the whole cluster, more tokens than the buffer, so a second pass
     # narrows it.
     student, teacher = logits(2, LARGE_VOCAB), logits(2, LARGE_VOCAB, scale=0.5)
-    cluster = torch.rand(2, LARGE_VOCAB, generator=torch.Generator().manual_seed(2)) < 2 / 3
+    cluster = torch.rand(2, LARGE_VOCAB, generator=_generator(2)) < 2 / 3
     teacher[cluster] = logits(int(cluster.sum()), scale=1e-6)
     check_paths(backend, student, teacher, lambda name, passes: name.startswith("bracket") and passes >= 2)
     assert_matches_reference("akl", student, teacher, backend)
@@ -68,7 +72,7 @@ def test_massive_ties_at_the_crossing_are_placed_by_rank(backend, mu):
     # Two values, each held by more tokens than the bracket buffer holds, scattered over every
     # block: the crossing falls inside a group of ties, in the upper value at mu = 0.3 (one
     # bracket pass) and in the lower one at mu = 0.8 (two), and its head part ends mid-row.
-    teacher = torch.randint(0, 2, (2, LARGE_VOCAB), generator=torch.Generator().manual_seed(1)).float()
+    teacher = torch.randint(0, 2, (2, LARGE_VOCAB), generator=_generator(1)).float()
     student = logits(2, LARGE_VOCAB)
     check_paths(backend, student, teacher, lambda name, _: name == "bracket+ties", mu=mu)
     assert_matches_reference("akl", student, teacher, backend, mu=mu)
