@@ -27,7 +27,7 @@ def split_path_name(code: int) -> str:
 # Rows whose crossing of mu lies beyond their TOPK largest logits are split by buckets of logits:
 # BUCKETS_PER_UNIT per unit of a = t / T below the row's max, SPLIT_BUCKETS in all (16 units, a
 # factor of 9e6 in probability); the last bucket takes every lower logit.
-BUCKETS_PER_UNIT = 1024
+BUCKETS_PER_UNIT = 64
 SPLIT_BUCKETS = 16 * BUCKETS_PER_UNIT
 
 # Largest rows per chunk times vocabulary size: 4 MiB per float32 buffer.
@@ -220,10 +220,13 @@ def _chunk_losses(a, b, chunk, config, grad_factor):
 
     # Step 6: the loss (w_tail = 0 for FKL, w_head = 0 for RKL).
     loss = head_weight * fkl + tail_weight * rkl
-    any_invalid = bool(invalid.any())
-    if any_invalid:
-        loss[invalid] = float("nan")
     stats = torch.stack((fkl, rkl, head_gap, tail_gap, head_weight, tail_weight))
+    any_invalid = bool(invalid.any())
+    if any_invalid:  # NaN loss and statistics, head size 0 and no split path (as the Triton backend)
+        loss[invalid] = float("nan")
+        stats[:, invalid] = float("nan")
+        head_size = head_size.masked_fill(invalid, 0)
+        path = path.masked_fill(invalid, 0)
 
     # Step 7: d loss / d b_j = w_head (q_j - p_j) + w_tail q_j (log q_j - log p_j - RKL), times
     # f = grad_scale / T, built in d's buffer as q_j (-f w_tail) (d_j + RKL) + f w_head (q_j - p_j).
@@ -329,31 +332,35 @@ def _split_in_buckets(a, max_a, p, gap, mu):
     logits than a higher one.
     """
     n_rows = a.shape[0]
-    depth = torch.sub(max_a, a).mul_(BUCKETS_PER_UNIT).clamp_(max=SPLIT_BUCKETS - 1)  # bucket = floor(depth)
-    running_mass = torch.zeros(n_rows, SPLIT_BUCKETS, dtype=p.dtype, device=a.device)
-    running_mass = running_mass.scatter_add_(1, depth.to(torch.int64), p).cumsum_(1)
+    # max * S - a * S: exact products (S is a power of two), one rounding, order kept
+    key = torch.add(max_a * BUCKETS_PER_UNIT, a, alpha=-BUCKETS_PER_UNIT).clamp_(max=SPLIT_BUCKETS - 1)
+    key = key.to(torch.int64)
+    buckets = torch.zeros(3, n_rows, SPLIT_BUCKETS, dtype=p.dtype, device=a.device)
+    buckets[0].scatter_add_(1, key, p)  # mass
+    buckets[1].scatter_add_(1, key, gap)  # gap
+    buckets[2].scatter_add_(1, key, torch.ones((), dtype=p.dtype, device=a.device).expand(key.shape))  # tokens
+    running_mass, running_gap, running_count = buckets.cumsum_(2)
     crossing = (running_mass <= mu).sum(1)  # the first bucket whose running mass exceeds mu
     everything = crossing == SPLIT_BUCKETS  # rounding left the whole support within mu
     crossing.clamp_(max=SPLIT_BUCKETS - 1)
     first = crossing == 0
-    mass_before = torch.where(first, 0.0, running_mass.gather(1, (crossing - 1).clamp(min=0)[:, None]).squeeze(1))
-    edge = crossing.to(depth.dtype)[:, None]
-    below = depth < edge  # the buckets before the crossing one: head
-    gap_before = torch.where(below, gap, 0.0).sum(1)
-    size_before = torch.count_nonzero(below, dim=1)
+    before = (crossing - 1).clamp(min=0)[:, None]
+    mass_before = torch.where(first, 0.0, running_mass.gather(1, before).squeeze(1))
+    gap_before = torch.where(first, 0.0, running_gap.gather(1, before).squeeze(1))
+    size_before = torch.where(first, 0.0, running_count.gather(1, before).squeeze(1)).round().to(torch.int64)
 
     # The crossing bucket's tokens as (row, column) in index order, then in the teacher's order
     # within each row: value descending, index ascending (outside the support: not head).
-    row, col = torch.argwhere((depth < edge + 1) & ~below).unbind(1)
+    row, col = torch.argwhere(key == crossing[:, None]).unbind(1)
     values = a[row, col]
     order = values.argsort(descending=True, stable=True)
     order = order[row[order].argsort(stable=True)]
     row, col, values = row[order], col[order], values[order]
     counts = torch.bincount(row, minlength=n_rows)
     start = torch.cumsum(counts, 0) - counts  # each row's first position
-    running = p[row, col].cumsum(0)
+    running = p[row, col].double().cumsum(0)  # over every row's tokens: float64 keeps each row's part exact
     base = torch.cat((running.new_zeros(1), running))[start[row]]
-    in_head = mass_before[row] + (running - base) <= mu
+    in_head = mass_before[row].double() + (running - base) <= mu
     in_head |= (torch.arange(row.numel(), device=a.device) == start[row]) & first[row]  # the first token is head
     in_head |= everything[row]
     in_head &= values > NEG_INF

@@ -298,10 +298,14 @@ def test_invalid_rows_give_nan(backend, bad):
     else:
         teacher[1, :50] = NEG_INF
         student[1, 50:] = NEG_INF
-    loss, _, grad = run_loss("akl", student, teacher, backend)
+    loss, stats, grad = run_loss("akl", student, teacher, backend)
     assert loss[1].isnan() and loss[[0, 2]].isfinite().all()
     assert grad[1].isnan().all() and grad[[0, 2]].isfinite().all()
     assert akl_loss(student, teacher, backend=backend).isnan()
+    # statistics of the invalid row: NaN, head size 0, on both backends alike
+    for name in ("fkl", "rkl", "head_gap", "tail_gap", "head_weight", "tail_weight"):
+        assert getattr(stats, name)[1].isnan() and getattr(stats, name)[[0, 2]].isfinite().all(), name
+    assert stats.head_size[1] == 0 and (stats.head_size[[0, 2]] > 0).all()
 
 
 def test_return_stats_fields(backend):
