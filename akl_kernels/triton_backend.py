@@ -1,19 +1,23 @@
-"""The Triton backend: one kernel family for AKL, FKL and RKL.
+"""The Triton backend: one kernel family for AKL, FKL and RKL, in four kernels over a row.
 
-A persistent grid of programs takes rows in turn; each program streams its row of teacher and
-student logits block by block (docs/semantics.md gives the maths, docs/kernel.md the design):
+Each kernel runs a persistent grid whose programs take rows in turn and stream them block by
+block; a small per-row record carries each kernel's results to the next (docs/kernel.md has the
+design, the traffic and the compiled code; README's "What it computes" the maths):
 
-  pass 1   (teacher and student) online max and sum of exp2 of a = t/T and b = s/T in base-2
-           units, FKL and RKL summed online against the running maxima, NaN/+inf and -inf
-           detection, and, when the head/tail split is needed, the TOPK largest teacher logits;
-  split    the crossing of mu among those TOPK (the usual case) or, for rows whose head is
-           larger, bracket passes over the teacher alone (C thresholds with exact masses each)
-           until the bracket around the crossing holds at most CAPACITY tokens or one value;
-  pass 2   (teacher and student, AKL or statistics only) the gaps |p - q| over head and tail:
-           ties of the crossing value take the head in index order by a running rank, and the
-           tokens of a bracket are kept (value, index, gap) in a per-program buffer and placed
-           exactly once the pass has the bracket's mass above;
-  pass 3   (teacher and student, write) the gradient with respect to the student logits.
+  _row_statistics_kernel  pass 1 (teacher and student): online max and sum of exp2 of the logits
+           over T in base-2 units, FKL and RKL summed online against the running maxima,
+           NaN/+inf and -inf detection, the row's smallest logit and, when the head/tail split
+           is needed, the TOPK largest teacher logits;
+  _split_kernel  the crossing of mu among those TOPK (the usual case) or, for rows whose head
+           is larger, bracket passes over the teacher alone (NUM_CANDIDATES thresholds with exact
+           masses each) until the bracket around the crossing holds at most CAPACITY tokens or
+           one value;
+  _gap_kernel  pass 2 (teacher and student, AKL or statistics only): the gaps |p - q| over head
+           and tail; ties of the crossing value take the head in index order by a running rank,
+           and a bracket's tokens are kept (value, gap) in a per-program buffer and placed once
+           the pass has the mass above the bracket;
+  _gradient_kernel  the weights, the loss and statistics, and pass 3 (teacher and student, write):
+           the gradient with respect to the student logits.
 
 So a row costs 7 units of memory traffic (a unit is one row of one tensor): 2 + 2 + 3, or 5 for
 FKL and RKL without statistics (no pass 2), plus one teacher-only unit per bracket pass for
@@ -811,7 +815,7 @@ def _gradient_kernel(
                 tail_weight = zero + 1.0
                 loss = rkl
             if invalid:
-                # NaN loss and statistics, head size 0 (docs/semantics.md, invalid rows).
+                # NaN loss and statistics, head size 0: an invalid row (NaN, +inf, empty support).
                 loss = zero + float("nan")
                 fkl = loss
                 rkl = loss

@@ -226,7 +226,8 @@ def split_price_summary(data) -> list[str]:
         if name != OURS or fkl is None:
             continue
         price = akl["fwd_bwd_s"] / fkl["fwd_bwd_s"]
-        paths = ", ".join(f"{path} {share:.0%}" for path, share in sorted((akl.get("split_paths") or {}).items()))
+        paths = ", ".join(f"{path} {share:.0%}" if share >= 0.01 else f"{path} <1%"
+                          for path, share in sorted((akl.get("split_paths") or {}).items()))
         lines.append(f"| {_shape_text(akl)} | {_fmt(akl['fwd_bwd_s'], 1e3)} | {_fmt(fkl['fwd_bwd_s'], 1e3)} | "
                      f"**{price:.2f}x** ({'met' if price <= SPLIT_PRICE_TARGET else 'NOT met'}) | {paths} |")
     if not lines:
