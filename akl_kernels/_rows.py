@@ -15,9 +15,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-# How many of the teacher's largest logits the fast path of the head/tail split keeps per row.
-# When the crossing of mu happens among them (the usual case), the split is exact without
-# looking further; otherwise an exact fallback runs for that row only.
+# How many of the teacher's largest logits the Triton kernel keeps per row in its first pass.
+# When the crossing of mu happens among them (the usual case at T = 1), the split is exact
+# without looking further; otherwise bracket passes run for that row only.
 TOPK = 32
 
 # Order of the floating statistics in RowLosses.stats.
@@ -41,12 +41,15 @@ class RowLossConfig:
     temperature: T > 0.
     split: compute the head/tail split (always for AKL; for FKL/RKL only when statistics are
         requested, since their weights do not depend on it).
+    stats: the statistics will be returned. The head size is one of them only, so a backend
+        for which counting it costs a pass may leave it 0 when stats is False.
     """
 
     mode: LossMode
     mu: float
     temperature: float
     split: bool
+    stats: bool = True
 
 
 class RowLosses(NamedTuple):

@@ -193,6 +193,7 @@ def row_config(mode, mu, temperature, return_stats) -> RowLossConfig:
         mu=float(mu),
         temperature=float(temperature),
         split=mode == LossMode.AKL or bool(return_stats),
+        stats=bool(return_stats),
     )
 
 

@@ -3,23 +3,28 @@
 This is the default on machines without a GPU. Rows are processed a chunk at a time so that the
 working memory stays at a few chunk-sized buffers besides the gradient itself, and the gradient
 is computed from SPEC section 2 step 7 directly (no autograd graph over vocabulary-sized
-intermediates). The head/tail split looks at the teacher's TOPK largest logits, and, for the
-rows whose crossing of mu lies further down, puts the row's tokens in buckets of logits (one
-scatter each of mass, gap and count) and orders exactly only the bucket that crosses mu; no
-row is fully sorted.
+intermediates). The head/tail split puts each row's tokens in buckets of logits (one scatter of
+the teacher's mass, one of the gaps, and one of counts when statistics are asked for) and
+orders exactly only the bucket that crosses mu; no row is sorted.
 """
 
 from __future__ import annotations
 
-import torch
+import math
+from typing import NamedTuple, Optional
 
-from ._rows import TOPK, LossMode, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
+import torch
+import torch.nn.functional as F
+
+from ._rows import LossMode, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
 
 NEG_INF = float("-inf")
 INF = float("inf")
 
 # How the split was found, per row (RowLosses.split_path).
-SPLIT_PATH_CODES = {"none": 0, "top": 1, "all head": 2, "buckets": 3}
+# "listed": the head (small) was listed token by token; "buckets": the head's buckets were summed
+# by a scatter and only the crossing bucket listed.
+SPLIT_PATH_CODES = {"none": 0, "all head": 1, "listed": 2, "buckets": 3}
 SPLIT_PATHS = {code: name for name, code in SPLIT_PATH_CODES.items()}
 
 
@@ -28,13 +33,17 @@ def split_path_name(code: int) -> str:
     return SPLIT_PATHS[code]
 
 
-# Rows whose crossing of mu lies beyond their TOPK largest logits are split by buckets of logits:
-# BUCKETS_PER_UNIT per unit of a = t / T below the row's max, SPLIT_BUCKETS in all (16 units, a
-# factor of 9e6 in probability); the last bucket takes every lower logit. 64 per unit: finer
-# buckets make the scatters' accumulators spill out of cache, coarser ones put more tokens in the
-# crossing bucket (measured at 16, 64 and 1024 on the benchmark's workloads).
+# The split's buckets of logits: BUCKETS_PER_UNIT per unit of a = t / T below the row's max,
+# SPLIT_BUCKETS in all (64 units, a factor of 6e27 in probability); the last bucket takes every
+# lower logit. 64 per unit: coarser buckets put more tokens in the crossing bucket (measured at
+# 16, 64 and 1024 a unit on the benchmark's workloads). 64 units: with 16, most of a real row's
+# tokens fell in the last bucket, and adds into one bucket are serial (the scatter took 2x).
 BUCKETS_PER_UNIT = 64
-SPLIT_BUCKETS = 16 * BUCKETS_PER_UNIT
+SPLIT_BUCKETS = 64 * BUCKETS_PER_UNIT
+# Heads listed token by token (no scatter of the gaps) when a bound on the tokens of the head and
+# the crossing bucket is at most V / LISTED_SHARE a row: a listed token costs about as much as
+# a hundred scattered ones.
+LISTED_SHARE = 128
 
 # Largest rows per chunk times vocabulary size: 4 MiB per float32 buffer.
 CHUNK_ELEMENTS = 1 << 20
@@ -80,8 +89,9 @@ def torch_row_losses(
             grad.view(n_rows, vocab).index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
 
     kept = torch.arange(n_rows, device=device) if keep is None else keep.nonzero().squeeze(1)
-    # The workspace (about 21 bytes per chunk element) stays within a fifth of the gradient
-    # from 192 rows on; fewer rows still get chunks of MIN_CHUNK_ROWS.
+    # The workspace holds 25 bytes per chunk element in float32 (33 when the inputs are copied
+    # for T or their dtype): chunks of at most CHUNK_ELEMENTS and 1/24 of the rows keep it near
+    # a quarter of a float32 gradient or less; fewer rows still get chunks of MIN_CHUNK_ROWS.
     rows_per_chunk = max(1, min(CHUNK_ELEMENTS // vocab, max(n_rows // 24, MIN_CHUNK_ROWS), kept.numel()))
     grad_factor = grad_scale.to(dtype) / config.temperature
     workspace = _Workspace(rows_per_chunk, vocab, dtype, device)
@@ -116,16 +126,34 @@ class _Workspace:
     def __init__(self, rows, vocab, dtype, device):
         self.shape, self.dtype, self.device = (rows, vocab), dtype, device
         self.buffers = {}
-        self.try_top = True  # whether the next chunk's split starts from the top-k (_split_gaps)
 
     def rows(self, count):
         """The buffers cut to their first `count` rows."""
         return _ChunkBuffers(self, count)
 
-    def buffer(self, name):
+    def inverse_bucket_floor(self, count):
+        """(count,) e^((k + 1) / BUCKETS_PER_UNIT) for buckets k = 0..count-1: Z over it bounds
+        the p of bucket k's tokens from below."""
+        if "inverse_bucket_floor" not in self.buffers:
+            k = torch.arange(1, SPLIT_BUCKETS + 1, dtype=self.dtype, device=self.device)
+            self.buffers["inverse_bucket_floor"] = torch.exp(k / BUCKETS_PER_UNIT)
+        return self.buffers["inverse_bucket_floor"][:count]
+
+    def mask(self, count):
+        """A bool buffer for `count` rows: (the buffer padded with False to whole 8-byte words,
+        its (count, V) start)."""
+        rows, vocab = self.shape
+        if "mask" not in self.buffers:
+            self.buffers["mask"] = torch.zeros(-(-rows * vocab // 8) * 8, dtype=torch.bool, device=self.device)
+        size = count * vocab
+        padded = self.buffers["mask"][: -(-size // 8) * 8]
+        padded[size:] = False
+        return padded, padded[:size].view(count, vocab)
+
+    def buffer(self, name, dtype=None):
+        """The (rows, V) buffer NAME, of the compute dtype unless dtype says otherwise."""
         if name not in self.buffers:
-            dtype = self.dtype
-            self.buffers[name] = torch.empty(self.shape, dtype=dtype, device=self.device)
+            self.buffers[name] = torch.empty(self.shape, dtype=dtype or self.dtype, device=self.device)
         return self.buffers[name]
 
 
@@ -180,16 +208,20 @@ def _chunk_losses(a, b, chunk, config, grad_factor):
     """
     # Step 1: rows with NaN or +inf logits (their max is NaN or +inf) must give NaN; positions
     # where either logit is -inf are outside the support.
-    invalid = ~(a.amax(1) < INF) | ~(b.amax(1) < INF)
+    max_a, max_b = a.amax(1, keepdim=True), b.amax(1, keepdim=True)
+    min_a = a.amin(1, keepdim=True)
+    invalid = ~(max_a.squeeze(1) < INF) | ~(max_b.squeeze(1) < INF)
     outside = None
-    if bool((a.amin() == NEG_INF) | (b.amin() == NEG_INF)):
+    if bool((min_a.min() == NEG_INF) | (b.amin() == NEG_INF)):
         outside = (a == NEG_INF) | (b == NEG_INF)
         a = a.masked_fill(outside, NEG_INF)
         b = b.masked_fill(outside, NEG_INF)
 
     # Step 2: p = softmax(a), q = softmax(b) over the support.
-    p, shifted_a, max_a, log_z_a = _softmax(a, chunk.p, chunk.shifted_a)
-    q, shifted_b, _, log_z_b = _softmax(b, chunk.q, chunk.shifted_b)
+    if outside is not None:  # the extremes over the support
+        max_a, max_b, min_a = a.amax(1, keepdim=True), b.amax(1, keepdim=True), a.amin(1, keepdim=True)
+    p, shifted_a, log_z_a = _softmax(a, max_a, chunk.p, chunk.shifted_a)
+    q, shifted_b, log_z_b = _softmax(b, max_b, chunk.q, chunk.shifted_b)
     invalid |= max_a.squeeze(1) == NEG_INF  # empty support
 
     # d = log p - log q on the support (0 outside), with log p = (a - max_a) - log_z_a.
@@ -203,13 +235,15 @@ def _chunk_losses(a, b, chunk, config, grad_factor):
     rkl = torch.mul(q, d, out=scratch).sum(1).neg_()
 
     # Steps 3 and 4: the head/tail split and the gaps |p - q| over head and tail; weights from
-    # them (AKL) or fixed. p is needed by the split, then q - p takes its buffer.
+    # them (AKL) or fixed. The split orders the teacher's mass while p is whole; then q - p
+    # (for the gradient) takes p's buffer and |q - p| the scratch buffer.
+    split = _find_split(a, max_a, min_a, log_z_a, p, invalid, config.mu, chunk) if config.split else None
+    q_minus_p = torch.sub(q, p, out=p)
     if config.split:
-        gap = torch.sub(q, p, out=scratch).abs_()
-        head_gap, tail_gap, head_size, path = _split_gaps(a, max_a, p, gap, invalid, config.mu, chunk.workspace)
-        q_minus_p = torch.sub(q, p, out=p)
+        gap = torch.abs(q_minus_p, out=scratch)
+        head_gap, tail_gap, head_size = _head_gaps(split, gap, config.stats)
+        path = torch.full_like(head_size, split.path, dtype=torch.int32)
     else:
-        q_minus_p = torch.sub(q, p, out=p)
         head_gap = tail_gap = torch.zeros_like(fkl)
         head_size = torch.zeros(fkl.shape, dtype=torch.int64, device=fkl.device)
         path = torch.zeros(fkl.shape, dtype=torch.int32, device=fkl.device)
@@ -248,127 +282,167 @@ def _chunk_losses(a, b, chunk, config, grad_factor):
     return loss, stats, head_size, grad, path
 
 
-def _softmax(x, out, out_shifted):
+def _softmax(x, row_max, out, out_shifted):
     """Row softmax of (R, V) x (-inf outside the support), in the pieces log softmax needs.
 
-    Returns (softmax in out, x - max in out_shifted, max (R, 1), log_z (R, 1)) with
-    log softmax = (x - max) - log_z, the exponentials taken once. Rows without support give
-    NaN (they are invalid anyway).
+    row_max: (R, 1) the rows' largest value. Returns (softmax in out, x - max in out_shifted,
+    log_z (R, 1)) with log softmax = (x - max) - log_z, the exponentials taken once. Rows
+    without support give NaN (they are invalid anyway).
     """
-    row_max = x.amax(1, keepdim=True)
     shifted = torch.sub(x, row_max, out=out_shifted)
     e = torch.exp(shifted, out=out)
     total = e.sum(1, keepdim=True)
-    return e.div_(total), shifted, row_max, total.log_()
+    return e.div_(total), shifted, total.log_()
 
 
-def _split_gaps(a, max_a, p, gap, invalid, mu, workspace):
-    """SPEC section 2 steps 3 and 4 for a chunk: (head_gap, tail_gap, head_size, split path), each (R,).
+class _Split(NamedTuple):
+    """How the rows of a chunk split into head and tail, as _find_split found it from the teacher.
+
+    keys: (R, V) int64 bucket of every token, or None when the whole support is head (mu = 1;
+        then support_size (R,) counts it).
+    bucket: (R,) the bucket that crosses mu: every bucket before it is head, every one after
+        it tail.
+    head_positions: flat positions (row * V + column) of head tokens: those of the crossing
+        buckets, or, when listed_whole_head, every head token.
+    path: the split_path code of the chunk's rows.
+    """
+
+    keys: Optional[torch.Tensor]
+    bucket: Optional[torch.Tensor]
+    head_positions: Optional[torch.Tensor]
+    listed_whole_head: bool
+    support_size: Optional[torch.Tensor]
+    path: int
+
+
+def _find_split(a, max_a, min_a, log_z_a, p, invalid, mu, chunk) -> _Split:
+    """SPEC section 2 step 3 for a chunk: which tokens are head, from the teacher's logits and mass.
 
     a, p: (R, V) logits over T and teacher probabilities (-inf and 0 outside the support);
-    max_a: (R, 1) the rows' largest logit; gap: |p - q|; invalid: (R,) rows whose results are
-    NaN anyway. The head is the longest prefix of the teacher's order (p descending, ties by
-    lower index) whose running mass stays <= mu, at least one token. Where the crossing of mu
-    lies among the TOPK largest logits (most rows at T = 1), those tell the head. Otherwise the
-    row's tokens are put in buckets of logits below its max: the masses and gaps per bucket
-    make every bucket before the one that crosses mu head, and that bucket's few tokens are
-    ordered exactly.
+    max_a, min_a, log_z_a: (R, 1) the rows' largest and smallest logit and log normaliser;
+    invalid: (R,) rows whose results are NaN anyway. The head is the longest prefix of the
+    teacher's order (p descending, ties by lower index) whose running mass stays <= mu, at least
+    one token. Token j goes to bucket floor((max - a_j) * BUCKETS_PER_UNIT), the last bucket
+    taking every lower logit and -inf: equal logits share a bucket, and a lower bucket holds
+    only larger logits than a higher one. The running mass over buckets tells the bucket that
+    crosses mu; only its tokens are ordered.
     """
-    n_rows = a.shape[0]
-    head_gap = torch.zeros(n_rows, dtype=p.dtype, device=a.device)
-    head_size = torch.zeros(n_rows, dtype=torch.int64, device=a.device)
-    path = torch.full((n_rows,), SPLIT_PATH_CODES["buckets"], dtype=torch.int32, device=a.device)
-    if mu >= 1.0:
-        path.fill_(SPLIT_PATH_CODES["all head"])
-        total_gap = gap.sum(1)
-        return total_gap, head_gap, torch.count_nonzero(a > NEG_INF, dim=1), path
+    if mu >= 1.0:  # no running sum can move a token to the tail
+        support_size = torch.count_nonzero(a > NEG_INF, dim=1)
+        return _Split(None, None, None, False, support_size, SPLIT_PATH_CODES["all head"])
+    n_rows, vocab = a.shape
+    workspace = chunk.workspace
+    # max * S - a * S: exact products (S is a power of two), one rounding, order kept. The
+    # scratch buffer is free here (the gaps take it afterwards).
+    key = torch.add(max_a * BUCKETS_PER_UNIT, a, alpha=-BUCKETS_PER_UNIT, out=chunk.shifted_b)
+    if not bool(((max_a - min_a) * BUCKETS_PER_UNIT < SPLIT_BUCKETS - 1).all()):  # -inf, NaN or a wide row
+        key.clamp_(max=SPLIT_BUCKETS - 1)
+        key[invalid] = SPLIT_BUCKETS - 1  # NaN keys: any bucket will do for rows that give NaN
+    keys = workspace.buffer("keys", torch.int64)[:n_rows].copy_(key)  # truncation = floor here
+    mass = torch.zeros(n_rows, SPLIT_BUCKETS, dtype=p.dtype, device=p.device).scatter_add_(1, keys, p)
 
-    pending = (~invalid).nonzero().squeeze(1)
-    if workspace.try_top and pending.numel():
-        resolved, top_gap, top_size = _split_in_top(a, p, gap, mu)
-        resolved &= ~invalid
-        head_gap[resolved] = top_gap[resolved]
-        head_size[resolved] = top_size[resolved]
-        path[resolved] = SPLIT_PATH_CODES["top"]
-        pending = (~resolved & ~invalid).nonzero().squeeze(1)
-        # A chunk whose rows mostly needed buckets suggests the next one will too (flat
-        # teachers, high temperatures): skip the top-k there.
-        workspace.try_top = 2 * pending.numel() <= n_rows
-    if pending.numel():
-        rows = (lambda x: x) if pending.numel() == n_rows else (lambda x: x[pending])
-        bucket_gap, bucket_size = _split_in_buckets(rows(a), rows(max_a), rows(p), rows(gap), mu)
-        head_gap[pending] = bucket_gap
-        head_size[pending] = bucket_size
-    return head_gap, gap.sum(1) - head_gap, head_size, path
+    # The crossing token has p >= (1 - mu) / V (the tail, at least 1 - mu, has fewer than V
+    # tokens, none above it), so it lies within ln(V / (1 - mu)) of the max: only the buckets up
+    # to there need a running sum, unless rounding left a row's mass there within mu.
+    searched = min(SPLIT_BUCKETS, int(BUCKETS_PER_UNIT * math.log(vocab / (1.0 - mu))) + 2)
+    # (Rows that give NaN get bucket 0, and no token is listed for them.)
+    running = mass[:, :searched].cumsum(1)
+    bucket = (running <= mu).sum(1).masked_fill_(invalid, 0)  # the first bucket whose running mass exceeds mu
+    last = int(bucket.max())
+    if searched < SPLIT_BUCKETS and last == searched:
+        searched = SPLIT_BUCKETS
+        running = mass.cumsum(1)
+        bucket = (running <= mu).sum(1).masked_fill_(invalid, 0)
+        last = int(bucket.max())
+    everything = bucket == SPLIT_BUCKETS  # rounding left the whole support within mu
+    bucket.clamp_(max=SPLIT_BUCKETS - 1)
+    mass_before = F.pad(running, (1, 0)).gather(1, bucket[:, None]).squeeze(1)
+
+    # Small heads (T = 1 mostly) are listed whole; larger ones by their crossing bucket only, the
+    # buckets before it summed by _head_gaps. Bucket k's tokens have p >= e^-((k + 1) / S) / Z,
+    # which bounds how many tokens the head and the crossing bucket hold.
+    reach = (mass[:, :searched] * workspace.inverse_bucket_floor(searched)).cumsum_(1).gather(1, bucket[:, None])
+    listed_whole_head = float((reach.squeeze(1) * log_z_a.squeeze(1).exp()).nansum()) <= n_rows * vocab / LISTED_SHARE
+    padded, mask = workspace.mask(n_rows)
+    (torch.le if listed_whole_head else torch.eq)(keys, bucket.masked_fill(invalid, -1)[:, None], out=mask)
+    positions = _true_positions(padded)
+    rows = positions // vocab
+    crossing = positions
+    if listed_whole_head:
+        in_bucket = keys.view(-1)[positions] == bucket[rows]
+        crossing, rows, definite = positions[in_bucket], rows[in_bucket], positions[~in_bucket]
+
+    # The crossing buckets' tokens in the teacher's order within each row: value descending,
+    # index ascending (they come in index order; outside the support: never head).
+    values = torch.take(a, crossing)
+    order = _teacher_order(rows, values)
+    crossing, rows, values = crossing[order], rows[order], values[order]
+    counts = torch.bincount(rows, minlength=n_rows)
+    starts = counts.cumsum(0) - counts  # where each row's tokens start
+    # The running mass of each row's tokens, from the mass of the buckets before, in float64:
+    # one cumsum over every row's tokens keeps each row's part exact.
+    running = F.pad(p.view(-1)[crossing].double().cumsum(0), (1, 0))
+    base = (mass_before.double() - running[starts])[rows]
+    # Head while the running mass stays <= mu, and the row's first token (no mass before it).
+    in_head = (running[1:] + base <= mu) | (running[:-1] + base == 0)
+    if last >= SPLIT_BUCKETS - 1:  # the last bucket: -inf (never head) and rows whose mass stays within mu
+        in_head |= everything[rows]
+        in_head &= values > NEG_INF
+    head = crossing[in_head]
+    if listed_whole_head:
+        head = torch.cat((definite, head))
+    path = SPLIT_PATH_CODES["listed" if listed_whole_head else "buckets"]
+    return _Split(keys, bucket, head, listed_whole_head, None, path)
 
 
-def _in_order(values, indices):
-    """(R, k) values and their indices re-ordered as the teacher's order: value descending, then
-    index ascending (topk's order among equal values is unspecified)."""
-    by_index = indices.argsort(dim=1)
-    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
-    by_value = values.argsort(dim=1, descending=True, stable=True)
-    return values.gather(1, by_value), indices.gather(1, by_value)
+def _true_positions(padded):
+    """Flat positions of the True entries of a bool tensor whose length is a whole number of
+    8-byte words, ascending. nonzero() scans the words first: a few Trues in a large mask cost
+    an eighth of a scan of the entries."""
+    words = padded.view(torch.int64).nonzero().squeeze(1)
+    word, byte = padded.view(-1, 8)[words].nonzero().unbind(1)
+    return words[word] * 8 + byte
 
 
-def _split_in_top(a, p, gap, mu):
-    """The split from each row's TOPK largest logits: (resolved (R,) bool, head gap, head size).
-
-    A row is resolved when the crossing token lies among them and no token outside them shares
-    its value (or the whole support is among them).
-    """
-    k = min(TOPK, a.shape[1])
-    values, indices = _in_order(*a.topk(k, dim=1))
-    support = values > NEG_INF
-    running = p.gather(1, indices).cumsum(1)
-    head_count = torch.minimum((running <= mu).sum(1).clamp_(min=1), support.sum(1))
-    crossing = values.gather(1, head_count.clamp(max=k - 1)[:, None]).squeeze(1)
-    everything_seen = ~support[:, -1] | (k == a.shape[1])
-    resolved = everything_seen | ((head_count < k) & (crossing > values[:, -1]))
-    in_head = torch.arange(k, device=a.device)[None, :] < head_count[:, None]
-    head_gap = torch.where(in_head, gap.gather(1, indices), 0.0).sum(1)
-    return resolved, head_gap, head_count
-
-
-def _split_in_buckets(a, max_a, p, gap, mu):
-    """The split from buckets of logits: (head gap, head size), each (R,).
-
-    Token j goes to bucket floor((max - a_j) * BUCKETS_PER_UNIT), the last bucket taking every
-    lower logit and -inf: equal logits share a bucket, and a lower bucket holds only larger
-    logits than a higher one.
-    """
-    n_rows = a.shape[0]
-    # max * S - a * S: exact products (S is a power of two), one rounding, order kept
-    key = torch.add(max_a * BUCKETS_PER_UNIT, a, alpha=-BUCKETS_PER_UNIT).clamp_(max=SPLIT_BUCKETS - 1)
-    key = key.to(torch.int64)
-    buckets = torch.zeros(3, n_rows, SPLIT_BUCKETS, dtype=p.dtype, device=a.device)
-    buckets[0].scatter_add_(1, key, p)  # mass
-    buckets[1].scatter_add_(1, key, gap)  # gap
-    buckets[2].scatter_add_(1, key, torch.ones((), dtype=p.dtype, device=a.device).expand(key.shape))  # tokens
-    running_mass, running_gap, running_count = buckets.cumsum_(2)
-    crossing = (running_mass <= mu).sum(1)  # the first bucket whose running mass exceeds mu
-    everything = crossing == SPLIT_BUCKETS  # rounding left the whole support within mu
-    crossing.clamp_(max=SPLIT_BUCKETS - 1)
-    first = crossing == 0
-    before = (crossing - 1).clamp(min=0)[:, None]
-    mass_before = torch.where(first, 0.0, running_mass.gather(1, before).squeeze(1))
-    gap_before = torch.where(first, 0.0, running_gap.gather(1, before).squeeze(1))
-    size_before = torch.where(first, 0.0, running_count.gather(1, before).squeeze(1)).round().to(torch.int64)
-
-    # The crossing bucket's tokens as (row, column) in index order, then in the teacher's order
-    # within each row: value descending, index ascending (outside the support: not head).
-    row, col = torch.argwhere(key == crossing[:, None]).unbind(1)
-    values = a[row, col]
+def _teacher_order(rows, values):
+    """The permutation that orders tokens listed in index order by row, then value descending
+    (then index, kept by a stable sort): one sort of integers for float32 values, whose bits
+    read as int32 sort like the floats once the negative ones have their other bits flipped."""
+    if values.dtype == torch.float32:
+        bits = (values + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0, its tie
+        ascending = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        return ((rows << 32) - ascending).argsort(stable=True)
     order = values.argsort(descending=True, stable=True)
-    order = order[row[order].argsort(stable=True)]
-    row, col, values = row[order], col[order], values[order]
-    counts = torch.bincount(row, minlength=n_rows)
-    start = torch.cumsum(counts, 0) - counts  # each row's first position
-    running = p[row, col].double().cumsum(0)  # over every row's tokens: float64 keeps each row's part exact
-    base = torch.cat((running.new_zeros(1), running))[start[row]]
-    in_head = mass_before[row].double() + (running - base) <= mu
-    in_head |= (torch.arange(row.numel(), device=a.device) == start[row]) & first[row]  # the first token is head
-    in_head |= everything[row]
-    in_head &= values > NEG_INF
-    head_gap = gap_before.index_add_(0, row, torch.where(in_head, gap[row, col], 0.0))
-    return head_gap, size_before + torch.bincount(row[in_head], minlength=n_rows)
+    return order[rows[order].argsort(stable=True)]
+
+
+def _head_gaps(split, gap, count_head):
+    """SPEC section 2 step 4: (head gap, tail gap, head size), each (R,), from the split and
+    gap = |p - q| (R, V). The head size is counted only when count_head (it is a statistic
+    only) or when it comes for free; otherwise it is 0."""
+    n_rows, vocab = gap.shape
+    total = gap.sum(1)
+    if split.keys is None:  # the whole support is head
+        return total, gap.new_zeros(n_rows), split.support_size
+    head_rows = split.head_positions // vocab
+    head_gap = torch.zeros_like(total).index_add_(0, head_rows, gap.view(-1)[split.head_positions])
+    if split.listed_whole_head:
+        return head_gap, total - head_gap, torch.bincount(head_rows, minlength=n_rows)
+
+    # The buckets before the crossing one, by a scatter of the gaps (and of ones for the size).
+    keys, bucket = split.keys, split.bucket
+    searched = int(bucket.max()) + 1
+    head_gap += _sum_before_bucket(keys, gap, bucket, searched)
+    head_size = torch.zeros(n_rows, dtype=torch.int64, device=gap.device)
+    if count_head:
+        ones = torch.ones((), dtype=gap.dtype, device=gap.device).expand(keys.shape)
+        head_size = _sum_before_bucket(keys, ones, bucket, searched).round().to(torch.int64)
+        head_size += torch.bincount(head_rows, minlength=n_rows)
+    return head_gap, total - head_gap, head_size
+
+
+def _sum_before_bucket(keys, values, bucket, searched):
+    """(R,) the sum of each row's values over the buckets before its bucket (all < searched)."""
+    sums = torch.zeros(keys.shape[0], SPLIT_BUCKETS, dtype=values.dtype, device=values.device)
+    running = F.pad(sums.scatter_add_(1, keys, values)[:, : searched - 1].cumsum(1), (1, 0))
+    return running.gather(1, bucket[:, None]).squeeze(1)

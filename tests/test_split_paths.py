@@ -140,11 +140,27 @@ def test_many_rows_mixing_paths(backend):
     assert_matches_reference("akl", student, teacher, backend)
 
 
-def test_torch_backend_takes_the_top_k_or_the_buckets():
+def torch_split_paths(student, teacher, *, stats=True):
     from akl_kernels.torch_backend import SPLIT_PATHS as TORCH_PATHS, torch_row_losses
 
-    student = logits(4, VOCAB)
-    teacher = torch.cat([logits(2, VOCAB, scale=4.0), logits(2, VOCAB, scale=0.5)])
-    config = RowLossConfig(mode=LossMode.AKL, mu=0.5, temperature=1.0, split=True)
-    rows = torch_row_losses(student, teacher, None, torch.ones(()), config, compute_grad=False)
-    assert [TORCH_PATHS[code] for code in rows.split_path.tolist()] == ["top", "top", "buckets", "buckets"]
+    config = RowLossConfig(mode=LossMode.AKL, mu=0.5, temperature=1.0, split=True, stats=stats)
+    rows = torch_row_losses(student, teacher, None, torch.ones(()), config, compute_grad=True)
+    return [TORCH_PATHS[code] for code in rows.split_path.tolist()], rows
+
+
+@pytest.mark.parametrize("scale, path", [(4.0, "listed"), (0.5, "buckets")])
+def test_torch_backend_lists_small_heads_and_sums_large_ones_by_bucket(scale, path):
+    # Peaked teachers (heads of a few tokens) are listed token by token; flat ones (heads of
+    # ~1500) have their head's buckets summed by a scatter. Both against the reference, with and
+    # without statistics (the head size is only counted for statistics on the bucket path).
+    student, teacher = logits(4, VOCAB), logits(4, VOCAB, scale=scale)
+    paths, with_stats = torch_split_paths(student, teacher)
+    assert paths == [path] * 4
+    assert_matches_reference("akl", student, teacher, "torch")
+    _, without_stats = torch_split_paths(student, teacher, stats=False)
+    assert torch.equal(with_stats.loss, without_stats.loss)
+    assert torch.equal(with_stats.grad, without_stats.grad)
+    assert torch.equal(with_stats.stats, without_stats.stats)
+    # Without statistics the bucket path leaves the head size uncounted (0).
+    expected_size = with_stats.head_size if path == "listed" else torch.zeros_like(with_stats.head_size)
+    assert torch.equal(without_stats.head_size, expected_size)
