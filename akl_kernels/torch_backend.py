@@ -421,28 +421,27 @@ def _head_gaps(split, gap, count_head):
     gap = |p - q| (R, V). The head size is counted only when count_head (it is a statistic
     only) or when it comes for free; otherwise it is 0."""
     n_rows, vocab = gap.shape
-    total = gap.sum(1)
     if split.keys is None:  # the whole support is head
-        return total, gap.new_zeros(n_rows), split.support_size
+        return gap.sum(1), gap.new_zeros(n_rows), split.support_size
     head_rows = split.head_positions // vocab
-    head_gap = torch.zeros_like(total).index_add_(0, head_rows, gap.view(-1)[split.head_positions])
+    head_gap = gap.new_zeros(n_rows).index_add_(0, head_rows, gap.view(-1)[split.head_positions])
     if split.listed_whole_head:
-        return head_gap, total - head_gap, torch.bincount(head_rows, minlength=n_rows)
+        return head_gap, gap.sum(1) - head_gap, torch.bincount(head_rows, minlength=n_rows)
 
     # The buckets before the crossing one, by a scatter of the gaps (and of ones for the size).
-    keys, bucket = split.keys, split.bucket
-    searched = int(bucket.max()) + 1
-    head_gap += _sum_before_bucket(keys, gap, bucket, searched)
+    gaps_before, total = _sums_by_bucket(split.keys, gap, split.bucket)
+    head_gap += gaps_before
     head_size = torch.zeros(n_rows, dtype=torch.int64, device=gap.device)
     if count_head:
-        ones = torch.ones((), dtype=gap.dtype, device=gap.device).expand(keys.shape)
-        head_size = _sum_before_bucket(keys, ones, bucket, searched).round().to(torch.int64)
+        ones = torch.ones((), dtype=gap.dtype, device=gap.device).expand(gap.shape)
+        head_size = _sums_by_bucket(split.keys, ones, split.bucket)[0].round().to(torch.int64)
         head_size += torch.bincount(head_rows, minlength=n_rows)
     return head_gap, total - head_gap, head_size
 
 
-def _sum_before_bucket(keys, values, bucket, searched):
-    """(R,) the sum of each row's values over the buckets before its bucket (all < searched)."""
+def _sums_by_bucket(keys, values, bucket):
+    """(R,) each row's sum of values over the buckets before its bucket, and (R,) over all."""
     sums = torch.zeros(keys.shape[0], SPLIT_BUCKETS, dtype=values.dtype, device=values.device)
-    running = F.pad(sums.scatter_add_(1, keys, values)[:, : searched - 1].cumsum(1), (1, 0))
-    return running.gather(1, bucket[:, None]).squeeze(1)
+    sums.scatter_add_(1, keys, values)
+    before = F.pad(sums[:, : int(bucket.max())].cumsum(1), (1, 0)).gather(1, bucket[:, None]).squeeze(1)
+    return before, sums.sum(1)
