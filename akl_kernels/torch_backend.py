@@ -356,7 +356,7 @@ def _find_split(a, max_a, min_a, log_z_a, p, invalid, mu, chunk) -> _Split:
         last = int(bucket.max())
     everything = bucket == SPLIT_BUCKETS  # rounding left the whole support within mu
     bucket.clamp_(max=SPLIT_BUCKETS - 1)
-    mass_before = F.pad(running, (1, 0)).gather(1, bucket[:, None]).squeeze(1)
+    mass_before = _before_bucket(running, bucket)
 
     # Small heads (T = 1 mostly) are listed whole; larger ones by their crossing bucket only, the
     # buckets before it summed by _head_gaps. Bucket k's tokens have p >= e^-((k + 1) / S) / Z,
@@ -429,19 +429,25 @@ def _head_gaps(split, gap, count_head):
         return head_gap, gap.sum(1) - head_gap, torch.bincount(head_rows, minlength=n_rows)
 
     # The buckets before the crossing one, by a scatter of the gaps (and of ones for the size).
-    gaps_before, total = _sums_by_bucket(split.keys, gap, split.bucket)
+    searched = int(split.bucket.max())  # no row needs a running sum past its own bucket
+    gaps_before, total = _sums_by_bucket(split.keys, gap, split.bucket, searched)
     head_gap += gaps_before
     head_size = torch.zeros(n_rows, dtype=torch.int64, device=gap.device)
     if count_head:
         ones = torch.ones((), dtype=gap.dtype, device=gap.device).expand(gap.shape)
-        head_size = _sums_by_bucket(split.keys, ones, split.bucket)[0].round().to(torch.int64)
+        head_size = _sums_by_bucket(split.keys, ones, split.bucket, searched)[0].round().to(torch.int64)
         head_size += torch.bincount(head_rows, minlength=n_rows)
     return head_gap, total - head_gap, head_size
 
 
-def _sums_by_bucket(keys, values, bucket):
-    """(R,) each row's sum of values over the buckets before its bucket, and (R,) over all."""
+def _sums_by_bucket(keys, values, bucket, searched):
+    """(R,) each row's sum of values over the buckets before its bucket (all below `searched`),
+    and (R,) over all buckets."""
     sums = torch.zeros(keys.shape[0], SPLIT_BUCKETS, dtype=values.dtype, device=values.device)
     sums.scatter_add_(1, keys, values)
-    before = F.pad(sums[:, : int(bucket.max())].cumsum(1), (1, 0)).gather(1, bucket[:, None]).squeeze(1)
-    return before, sums.sum(1)
+    return _before_bucket(sums[:, :searched].cumsum(1), bucket), sums.sum(1)
+
+
+def _before_bucket(running, bucket):
+    """(R,) each row's running sum (R, K) just before its bucket: 0 for bucket 0."""
+    return F.pad(running, (1, 0)).gather(1, bucket[:, None]).squeeze(1)

@@ -439,10 +439,7 @@ def _row_statistics_kernel(
     programs = tl.num_programs(0)
     row = program.to(tl.int64)  # this program's rows: program, program + programs, ...
     while row < n_rows:
-        if HAS_KEEP:
-            keep = tl.load(keep_ptr + row).to(tl.int1)
-        else:
-            keep = row >= 0
+        keep = _is_kept(keep_ptr, row, HAS_KEEP)
         if keep:
             c = tl.load(params_ptr + 3)  # log2(e) / T: a in base-2 units is t * c
             student_row, teacher_row = _row_pointers(
@@ -555,10 +552,7 @@ def _split_kernel(
     programs = tl.num_programs(0)
     row = program.to(tl.int64)
     while row < n_rows:
-        if HAS_KEEP:
-            keep = tl.load(keep_ptr + row).to(tl.int1)
-        else:
-            keep = row >= 0
+        keep = _is_kept(keep_ptr, row, HAS_KEEP)
         codes = row_codes_ptr + row * ROW_CODES
         if keep:
             keep = tl.load(codes) >= 0  # a valid row
@@ -652,6 +646,15 @@ def _search_bracket(
 
 
 @triton.jit
+def _is_kept(keep_ptr, row, HAS_KEEP: tl.constexpr):
+    """Whether the row counts: keep_ptr[row] with labels, every row without."""
+    if HAS_KEEP:
+        return tl.load(keep_ptr + row).to(tl.int1)
+    else:
+        return row >= 0
+
+
+@triton.jit
 def _row_pointers(student_ptr, teacher_ptr, student_row_offsets_ptr, teacher_row_offsets_ptr, row,
                   STUDENT_ALIGN: tl.constexpr, TEACHER_ALIGN: tl.constexpr):
     """The row's first student and teacher logits, with the alignment the host checked."""
@@ -696,10 +699,7 @@ def _gap_kernel(
     buffer = buffer_ptr + program.to(tl.int64) * (2 * CAPACITY)
     row = program.to(tl.int64)
     while row < n_rows:
-        if HAS_KEEP:
-            keep = tl.load(keep_ptr + row).to(tl.int1)
-        else:
-            keep = row >= 0
+        keep = _is_kept(keep_ptr, row, HAS_KEEP)
         codes = row_codes_ptr + row * ROW_CODES
         if keep:
             path = tl.load(codes)
@@ -773,10 +773,7 @@ def _gradient_kernel(
     zero = tl.zeros([], COMPUTE_DTYPE)
     row = program.to(tl.int64)
     while row < n_rows:
-        if HAS_KEEP:
-            keep = tl.load(keep_ptr + row).to(tl.int1)
-        else:
-            keep = row >= 0
+        keep = _is_kept(keep_ptr, row, HAS_KEEP)
         loss = zero
         fkl = zero
         rkl = zero
@@ -983,7 +980,6 @@ def triton_row_losses(
             *rows, params, row_values, row_codes, row_top, n_rows, vocab, SEARCH_BLOCK=search_block_size(block),
             TOPK=TOPK, NUM_CANDIDATES=NUM_CANDIDATES, CAPACITY=CAPACITY, **common,
         )
-    if config.split:
         for bracket in (False, True):
             _gap_kernel[(programs,)](
                 *rows, params, row_values, row_codes, buffer, n_rows, vocab, BRACKET=bracket, BLOCK=block,

@@ -104,18 +104,19 @@ class RowTraffic:
     gradient: np.ndarray
     other_units: float  # all other bytes of the call, over rows x (one student row's bytes)
     kept: np.ndarray  # bool per row
-    split_path: list | None  # per row, the kernel's name for its head/tail path (None: not reported)
+    split_path: list  # per row, the kernel's name for its head/tail path
 
     @property
     def total(self) -> np.ndarray:
         return self.teacher + self.student + self.gradient
 
 
-def count_rows(student, teacher, *, mode=LossMode.AKL, mu=0.5, temperature=1.0, keep=None, stats=False) -> RowTraffic:
-    """Run the Triton backend once (loss, statistics and gradient) on 2-D CPU logits and count its traffic."""
+def count_rows(student, teacher, *, mode=LossMode.AKL, mu=0.5, temperature=1.0, keep=None) -> RowTraffic:
+    """Run the Triton backend once (loss and gradient; AKL's statistics come with its split) on
+    2-D CPU logits and count its traffic."""
     n_rows, vocab = student.shape
     grad = torch.empty_like(student)
-    config = RowLossConfig(mode=mode, mu=mu, temperature=temperature, split=mode == LossMode.AKL or stats)
+    config = RowLossConfig(mode=mode, mu=mu, temperature=temperature, split=mode == LossMode.AKL)
     counter = TrafficCounter({"teacher": teacher, "student": student, "gradient": grad})
     with counter.active():
         rows = triton_row_losses(student, teacher, keep, torch.ones((), dtype=torch.float32), config, True, grad)
@@ -125,9 +126,8 @@ def count_rows(student, teacher, *, mode=LossMode.AKL, mu=0.5, temperature=1.0, 
         units[name] = (counter.read[name] + counter.written[name]) / row_bytes
     other = (counter.other_read + counter.other_written) / (n_rows * vocab * student.element_size())
     kept = np.ones(n_rows, dtype=bool) if keep is None else keep.numpy()
-    paths = getattr(rows, "split_path", None)
     return RowTraffic(units["teacher"], units["student"], units["gradient"], other, kept,
-                      None if paths is None else [split_path_name(code) for code in paths.tolist()])
+                      [split_path_name(code) for code in rows.split_path.tolist()])
 
 
 
@@ -233,8 +233,7 @@ def measure_class(input_class: InputClass, rows: int | None = None, seed: int = 
         total = traffic.total[rows_mask]
         part.update(total_mean=float(total.mean()), total_max=float(total.max()))
         result[label] = part
-    if traffic.split_path is not None:
-        result["split_paths"] = dict(Counter(p for p, k in zip(traffic.split_path, kept) if k))
+    result["split_paths"] = dict(Counter(p for p, k in zip(traffic.split_path, kept) if k))
     return result
 
 

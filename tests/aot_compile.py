@@ -98,7 +98,6 @@ def compile_kernels(student, teacher, mode, split, compute_grad, has_keep, capab
             {**common, "SEARCH_BLOCK": search_block_size(block), "TOPK": TOPK, "NUM_CANDIDATES": NUM_CANDIDATES,
              "CAPACITY": CAPACITY},
         ))
-    if split:
         for bracket in (False, True):
             kernels.append((
                 _gap_kernel,
