@@ -1,15 +1,25 @@
 """What every backend computes: per-row losses, statistics and the gradient, for one loss mode.
 
-A backend is a function ``row_losses(student, teacher, keep, grad_scale, config, compute_grad,
-grad_out=None)`` returning :class:`RowLosses`. ``grad_out``, when given, is where the gradient
-is written (student-shaped, the student's dtype, contiguous); it may be the student tensor
-itself, since each row is read before its gradient is written. The dispatcher in ``loss.py`` validates inputs, picks a backend and
-applies the reduction; backends only do the per-row work of SPEC section 2.
+A backend (:class:`RowBackend`) has two functions:
+
+- ``row_losses(student, teacher, keep, grad_scale, config, compute_grad, grad_out=None)``
+  returns :class:`RowLosses`: per-row losses, statistics, a per-row state, and the gradient of
+  ``sum_i grad_scale * loss_i`` when compute_grad (the hidden-state losses need it then);
+- ``row_gradient(student, teacher, keep, row_scale, state, config, grad_out=None)`` returns the
+  gradient of ``sum_i row_scale_i * loss_i`` later, from the inputs and that state: the
+  backward pass of ``akl_loss`` folds grad_output into row_scale, so that the gradient is
+  rounded to the student's dtype once, after the loss scale (float16 training) has entered.
+
+``grad_out``, when given, is where the gradient is written (student-shaped, the student's dtype,
+contiguous); it may be the student tensor itself, since each row is read before its gradient is
+written. The dispatcher in ``loss.py`` validates inputs, picks a backend and applies the
+reduction; backends only do the per-row work (README "What it computes").
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -62,14 +72,28 @@ class RowLosses(NamedTuple):
     grad: student-shaped, student dtype, contiguous: d(sum_i grad_scale * loss_i)/d student,
         0 at ignored rows; None when no gradient was asked for.
     split_path: (N,) int32 code of how each row's head/tail split was found, for diagnostics
-        (the backend's split_path_name names them), or None.
+        (the backend's split_path_name names them).
+    state: (k, N) or (N, k), compute dtype: what the backend's row_gradient reads per row (its
+        own layout).
     """
 
     loss: torch.Tensor
     stats: torch.Tensor
     head_size: torch.Tensor
     grad: Optional[torch.Tensor]
-    split_path: Optional[torch.Tensor] = None
+    split_path: torch.Tensor
+    state: torch.Tensor
+
+
+class RowBackend(NamedTuple):
+    """One backend: its two functions (module docstring), the student dtypes for which akl_loss
+    takes the gradient from row_losses in the forward pass (where it costs least) rather than
+    from row_gradient in backward, and the names of its split_path codes."""
+
+    row_losses: Callable[..., RowLosses]
+    row_gradient: Callable[..., torch.Tensor]
+    forward_gradient_dtypes: tuple[torch.dtype, ...]
+    split_path_name: Callable[[int], str]
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:

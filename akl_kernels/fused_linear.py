@@ -14,26 +14,31 @@ Peak extra memory is a few chunk-sized buffers (chunk rows x V) plus the weight-
 accumulator, O(chunk x V + V x H), never O(N x V). Rows whose label is ignore_index are not
 gathered at all: they cost no matrix product, and get zero loss and zero gradient whatever
 their hidden states hold. As in akl_loss, gradients are computed in the forward pass (for
-reductions "mean" and "sum") and the backward pass only scales them; for reduction "none" the
-backward recomputes the chunks with each row's grad_output folded into g.
+reductions "mean" and "sum") and the backward pass only scales them (float16 gradients are held
+in float32 until then, so that grad_output, the loss scale of float16 training, enters before
+they are rounded); for reduction "none" the backward recomputes the chunks with each row's
+grad_output folded into g.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import numbers
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ._rows import STATS_FIELDS, LossMode, RowLossConfig, compute_dtype
+from ._rows import STATS_FIELDS, LossMode, RowBackend, RowLossConfig, compute_dtype
 from .loss import (
     STATS_MU,
     check_floating,
+    check_has_data,
     check_labels,
     check_options,
+    check_temperature_range,
+    keep_mask,
     reduction_grad_scale,
+    refuse_double_backward,
     row_config,
     select_backend,
     shape_result,
@@ -169,7 +174,7 @@ class FusedLinearAKLLoss(torch.nn.Module):
         super().__init__()
         if loss not in _MODES:
             raise ValueError(f"loss must be one of {tuple(_MODES)}, got {loss!r}")
-        check_options(mu, temperature, ignore_index, reduction, backend)
+        check_options(mu, temperature, ignore_index, reduction, return_stats, backend)
         _check_chunk_size(chunk_size)
         self.loss = loss
         self.mu = mu if loss == "akl" else STATS_MU
@@ -194,7 +199,7 @@ class FusedLinearAKLLoss(torch.nn.Module):
         return (
             f"loss={self.loss!r}, mu={self.mu}, temperature={self.temperature}, "
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"chunk_size={self.chunk_size}, backend={self.backend!r}"
+            f"chunk_size={self.chunk_size}, return_stats={self.return_stats}, backend={self.backend!r}"
         )
 
 
@@ -206,24 +211,23 @@ def _fused_linear_loss(
     mu, temperature, labels, ignore_index, reduction, chunk_size, return_stats, backend,
 ):
     _check_tensors(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels)
-    check_options(mu, temperature, ignore_index, reduction, backend)
+    check_options(mu, temperature, ignore_index, reduction, return_stats, backend)
     _check_chunk_size(chunk_size)
-    row_losses = select_backend(backend, student_hidden.device)
+    dtype = compute_dtype(student_hidden.dtype, student_weight.dtype, teacher_hidden.dtype, teacher_weight.dtype)
+    check_temperature_range(temperature, dtype)
+    row_backend = select_backend(backend, student_hidden.device)
 
     leading_shape = student_hidden.shape[:-1]
     device = student_hidden.device
-    if labels is None:
-        kept = torch.arange(leading_shape.numel(), device=device)
-    else:
-        kept = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)
-    dtype = compute_dtype(student_hidden.dtype, student_weight.dtype, teacher_hidden.dtype, teacher_weight.dtype)
+    keep = keep_mask(labels, ignore_index)
+    kept = torch.arange(leading_shape.numel(), device=device) if keep is None else keep.nonzero().squeeze(1)
     grad_scale = reduction_grad_scale(reduction, kept.numel(), dtype, device)
     vocab = student_weight.shape[0]
     hidden = max(student_weight.shape[1], teacher_weight.shape[1])
     options = _Options(
         config=row_config(mode, mu, temperature, return_stats),
-        row_losses=row_losses,
-        chunk_rows=chunk_size or default_chunk_rows(vocab, hidden),
+        row_backend=row_backend,
+        chunk_rows=int(chunk_size or default_chunk_rows(vocab, hidden)),
         reduction=reduction,
         wanted=tuple(
             torch.is_grad_enabled() and x is not None and x.requires_grad
@@ -241,13 +245,13 @@ def _fused_linear_loss(
 class _Options:
     """What one call passes through autograd besides tensors.
 
-    config: the loss backend's RowLossConfig. row_losses: the backend. chunk_rows: rows per
+    config: the loss backend's RowLossConfig. row_backend: the backend. chunk_rows: rows per
     chunk. reduction: "mean", "sum" or "none". wanted: which of (student_hidden,
     student_weight, student_bias) need a gradient.
     """
 
     config: RowLossConfig
-    row_losses: Callable
+    row_backend: RowBackend
     chunk_rows: int
     reduction: str
     wanted: tuple[bool, bool, bool]
@@ -257,8 +261,9 @@ class _FusedLinearLoss(torch.autograd.Function):
     """Reduced loss over chunks of rows; gradients for the student's hidden states, weight, bias.
 
     For "mean" and "sum" the gradients are computed, already scaled for the reduction, in the
-    forward pass; backward multiplies them by grad_output in place (skipped when it is 1). For
-    "none", and for a further backward through a retained graph, backward recomputes them.
+    forward pass; backward multiplies them by grad_output (in place, skipped when it is 1; a
+    float16 input's gradient, held in float32, is rounded after). For "none", and for a further
+    backward through a retained graph, backward recomputes them. Double backward is refused.
     """
 
     @staticmethod
@@ -277,8 +282,8 @@ class _FusedLinearLoss(torch.autograd.Function):
         return loss, stats, head_size
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_stats, _grad_head_size):
+        refuse_double_backward()
         grads, ctx.grads = ctx.grads, None
         *inputs, kept, grad_scale = ctx.saved_tensors
         options = ctx.options
@@ -292,6 +297,8 @@ class _FusedLinearLoss(torch.autograd.Function):
                         grad.mul_(factor)
         else:  # reduction "none": row i's gradient is scaled by grad_loss[i] before the products
             grads = _chunked_pass(inputs, kept, grad_scale, grad_loss.reshape(-1), options, options.wanted)[3]
+        # Each gradient in its input's dtype, rounded once (float16 ones were held in float32).
+        grads = [None if grad is None else grad.to(x.dtype) for grad, x in zip(grads, inputs)]
         return (*grads, None, None, None, None, None, None)
 
 
@@ -320,12 +327,12 @@ def _chunked_pass(inputs, kept, grad_scale, row_scale, options, wanted):
 
     Returns:
         loss (N,), stats (6, N) and head_size (N,), 0 at ignored rows, and the gradients
-        (hidden, weight, bias) in their inputs' shapes and dtypes (None where not wanted).
+        (hidden, weight, bias) in their inputs' shapes and held dtypes (None where not wanted).
     """
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = inputs
-    student_rows = student_hidden.reshape(-1, student_hidden.shape[-1])
-    teacher_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    n_rows, device = student_rows.shape[0], student_rows.device
+    n_rows, device = student_hidden.shape[:-1].numel(), student_hidden.device
+    student_rows = student_hidden.reshape(n_rows, student_hidden.shape[-1])
+    teacher_rows = teacher_hidden.reshape(n_rows, teacher_hidden.shape[-1])
     student_head = _LMHead(student_hidden.dtype, student_weight, student_bias)
     teacher_head = _LMHead(teacher_hidden.dtype, teacher_weight, teacher_bias)
     dtype = compute_dtype(student_head.dtype, teacher_head.dtype)
@@ -335,9 +342,9 @@ def _chunked_pass(inputs, kept, grad_scale, row_scale, options, wanted):
     head_size = torch.zeros(n_rows, dtype=torch.int64, device=device)
     want_hidden, want_weight, want_bias = wanted
     compute_grad = any(wanted)
-    # Gradients: the hidden states' in their dtype (each row written once), the weight's and
-    # bias's accumulated in the logits' dtype (float32 or float64) over chunks.
-    grad_hidden = torch.zeros_like(student_rows) if want_hidden else None
+    # Gradients: the hidden states' in their held dtype (each row written once), the weight's
+    # and bias's accumulated in the logits' dtype (float32 or float64) over chunks.
+    grad_hidden = torch.zeros_like(student_rows, dtype=_held_dtype(student_rows.dtype)) if want_hidden else None
     grad_weight = torch.zeros(student_weight.shape, dtype=student_head.dtype, device=device) if want_weight else None
     grad_bias = torch.zeros(student_bias.shape, dtype=student_head.dtype, device=device) if want_bias else None
 
@@ -352,7 +359,7 @@ def _chunked_pass(inputs, kept, grad_scale, row_scale, options, wanted):
         student_logits = student_head.logits(hidden, student_buffer[: rows.numel()])  # (R, V)
         teacher_hidden_rows = teacher_head.operands(teacher_rows.index_select(0, rows))
         teacher_logits = teacher_head.logits(teacher_hidden_rows, teacher_buffer[: rows.numel()])
-        chunk = options.row_losses(
+        chunk = options.row_backend.row_losses(
             student_logits, teacher_logits, None, grad_scale, options.config, compute_grad, grad_out=student_logits
         )
         loss.index_copy_(0, rows, chunk.loss)
@@ -372,10 +379,16 @@ def _chunked_pass(inputs, kept, grad_scale, row_scale, options, wanted):
 
     grads = (
         None if grad_hidden is None else grad_hidden.reshape(student_hidden.shape),
-        None if grad_weight is None else grad_weight.to(student_weight.dtype),
-        None if grad_bias is None else grad_bias.to(student_bias.dtype),
+        None if grad_weight is None else grad_weight.to(_held_dtype(student_weight.dtype)),
+        None if grad_bias is None else grad_bias.to(_held_dtype(student_bias.dtype)),
     )
     return loss, stats, head_size, grads
+
+
+def _held_dtype(dtype):
+    """The dtype a gradient for a `dtype` input is kept in until backward: float32 for float16,
+    whose range would otherwise lose small gradients before the loss scale multiplies them."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 class _LMHead:
@@ -484,10 +497,11 @@ def _check_tensors(student_hidden, student_weight, student_bias, teacher_hidden,
         if x is not None and x.device != student_hidden.device:
             raise ValueError(f"{name} is on {x.device} but student_hidden is on {student_hidden.device}")
     check_labels(labels, student_hidden.shape[:-1], student_hidden.device, "hidden states")
+    check_has_data(student_hidden.device, "hidden states")
 
 
 def _check_chunk_size(chunk_size):
     if chunk_size is None:
         return
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+    if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")

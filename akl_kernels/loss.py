@@ -12,12 +12,12 @@ import os
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ._rows import LossMode, RowLossConfig, compute_dtype
-from .torch_backend import torch_row_losses
+from ._rows import LossMode, RowBackend, RowLossConfig, compute_dtype
+from .torch_backend import TORCH_BACKEND
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
 
@@ -135,7 +135,7 @@ class AKLLoss(torch.nn.Module):
         backend="auto",
     ):
         super().__init__()
-        check_options(mu, temperature, ignore_index, reduction, backend)
+        check_options(mu, temperature, ignore_index, reduction, return_stats, backend)
         self.mu = mu
         self.temperature = temperature
         self.ignore_index = ignore_index
@@ -159,7 +159,7 @@ class AKLLoss(torch.nn.Module):
     def extra_repr(self):
         return (
             f"mu={self.mu}, temperature={self.temperature}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
+            f"reduction={self.reduction!r}, return_stats={self.return_stats}, backend={self.backend!r}"
         )
 
 
@@ -167,21 +167,21 @@ def _distillation_loss(
     mode, student, teacher, mu, temperature, labels, ignore_index, reduction, return_stats, backend
 ):
     _check_tensors(student, teacher, labels)
-    check_options(mu, temperature, ignore_index, reduction, backend)
-    row_losses = select_backend(backend, student.device)
+    check_options(mu, temperature, ignore_index, reduction, return_stats, backend)
+    dtype = compute_dtype(student.dtype, teacher.dtype)
+    check_temperature_range(temperature, dtype)
+    row_backend = select_backend(backend, student.device)
 
     leading_shape = student.shape[:-1]
     if student.dim() == 1:  # a single row
         student, teacher = student.unsqueeze(0), teacher.unsqueeze(0)
-    keep = None if labels is None else (labels != ignore_index).reshape(-1)
+    keep = keep_mask(labels, ignore_index)
     kept_rows = leading_shape.numel() if keep is None else keep.sum()
-    grad_scale = reduction_grad_scale(
-        reduction, kept_rows, compute_dtype(student.dtype, teacher.dtype), student.device
-    )
+    grad_scale = reduction_grad_scale(reduction, kept_rows, dtype, student.device)
     config = row_config(mode, mu, temperature, return_stats)
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     loss, stats, head_size = _DistillationLoss.apply(
-        student, teacher, keep, grad_scale, config, reduction, row_losses, compute_grad
+        student, teacher, keep, grad_scale, config, reduction, row_backend, compute_grad
     )
     return shape_result(loss, stats, head_size, leading_shape, reduction, return_stats)
 
@@ -219,16 +219,21 @@ def shape_result(loss, stats, head_size, leading_shape, reduction, return_stats)
 
 
 class _DistillationLoss(torch.autograd.Function):
-    """Reduced loss whose gradient is computed, already scaled for the reduction, in forward.
+    """Reduced loss of the backend's per-row losses, with the backend's analytic gradient.
 
-    The first backward hands that buffer over after multiplying it by grad_output in place
-    (skipped when grad_output is 1), so no second vocabulary-sized tensor is made. A further
-    backward through a retained graph recomputes it from the saved inputs.
+    The gradient comes from one of two places (RowBackend.forward_gradient_dtypes says which):
+    computed in forward, already scaled for the reduction, and multiplied by grad_output in
+    place in backward (skipped when it is 1), so that no second vocabulary-sized tensor is
+    made; or computed in backward by row_gradient, with grad_output folded into each row's
+    factor before the one rounding to the student's dtype (what keeps float16 gradients under
+    loss scaling), from the saved inputs and per-row state. A further backward through a
+    retained graph takes the second way. Double backward is refused.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, keep, grad_scale, config, reduction, row_losses, compute_grad):
-        rows = row_losses(student, teacher, keep, grad_scale, config, compute_grad)
+    def forward(ctx, student, teacher, keep, grad_scale, config, reduction, row_backend, compute_grad):
+        in_forward = compute_grad and student.dtype in row_backend.forward_gradient_dtypes
+        rows = row_backend.row_losses(student, teacher, keep, grad_scale, config, in_forward)
         if reduction == "none":
             loss = rows.loss
         else:
@@ -236,25 +241,41 @@ class _DistillationLoss(torch.autograd.Function):
             loss = rows.loss.sum() * grad_scale
         ctx.grad = rows.grad
         ctx.config = config
-        ctx.row_losses = row_losses
-        ctx.save_for_backward(student, teacher, keep, grad_scale)
+        ctx.row_backend = row_backend
+        ctx.save_for_backward(student, teacher, keep, grad_scale, rows.state)
         ctx.mark_non_differentiable(rows.stats, rows.head_size)
         return loss, rows.stats, rows.head_size
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_stats, _grad_head_size):
+        refuse_double_backward()
         grad, ctx.grad = ctx.grad, None
-        student, teacher, keep, grad_scale = ctx.saved_tensors
+        student, teacher, keep, grad_scale, state = ctx.saved_tensors
+        vocab = student.shape[-1]
+        n_rows = student.numel() // vocab
         if grad is None:
-            grad = ctx.row_losses(student, teacher, keep, grad_scale, ctx.config, True).grad
-        if grad_loss.dim() == 0:
+            # d loss / d loss_i = grad_output (per row for "none") times the reduction's factor.
+            row_scale = (grad_loss.to(grad_scale.dtype) * grad_scale).expand(n_rows) if grad_loss.dim() == 0 \
+                else grad_loss.reshape(-1).to(grad_scale.dtype)
+            grad = ctx.row_backend.row_gradient(student, teacher, keep, row_scale, state, ctx.config)
+        elif grad_loss.dim() == 0:
             factor = float(grad_loss)  # one host sync; a Python scalar keeps full precision
             if factor != 1.0:
                 grad.mul_(factor)
         else:
-            _scale_rows_(grad.view(grad_loss.numel(), -1), grad_loss.reshape(-1), keep)
+            _scale_rows_(grad.view(n_rows, vocab), grad_loss.reshape(-1), keep)
         return grad, None, None, None, None, None, None, None
+
+
+def refuse_double_backward():
+    """RuntimeError when a backward pass runs with create_graph=True (grad mode on inside it):
+    the gradient comes from a kernel, so it has no graph of its own to differentiate."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "akl_kernels losses do not support double backward (create_graph=True): their "
+            "gradient is computed by a kernel, not by differentiable operations, so a "
+            "gradient penalty or Hessian through them would silently be wrong"
+        )
 
 
 def _scale_rows_(grad, row_scale, keep):
@@ -268,18 +289,18 @@ def _scale_rows_(grad, row_scale, keep):
     if grad.dtype in (torch.float32, torch.float64):
         grad.mul_(row_scale.to(grad.dtype))
         return
-    # float16/bfloat16: multiply in float32, a chunk of rows at a time, and round once.
+    # bfloat16: multiply in float32, a chunk of rows at a time, and round once.
     rows_per_chunk = max(1, (1 << 20) // max(grad.shape[1], 1))
     for rows, scale in zip(grad.split(rows_per_chunk), row_scale.split(rows_per_chunk)):
         rows.copy_(rows.float().mul_(scale.float()))
 
 
-def select_backend(backend, device):
-    """The row_losses function for `backend` on `device` (SPEC section 3)."""
+def select_backend(backend, device) -> RowBackend:
+    """The RowBackend for `backend` on `device` (README "Use": backend)."""
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and _triton_available() else "torch"
     if backend == "torch":
-        return torch_row_losses
+        return TORCH_BACKEND
     if not _triton_available():
         raise ImportError("backend='triton' needs the triton package (pip install triton)")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -290,9 +311,9 @@ def select_backend(backend, device):
         )
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"backend='triton' runs on CUDA tensors, got a tensor on {device}")
-    from .triton_backend import triton_row_losses
+    from .triton_backend import TRITON_BACKEND
 
-    return triton_row_losses
+    return TRITON_BACKEND
 
 
 def _triton_available():
@@ -325,14 +346,29 @@ def _check_tensors(student, teacher, labels):
             f"student_logits is on {student.device} but teacher_logits is on {teacher.device}"
         )
     check_labels(labels, student.shape[:-1], student.device, "logits")
+    check_has_data(student.device, "logits")
 
 
 def check_floating(name, x, what):
-    """TypeError unless x is a tensor of one of the supported floating dtypes."""
+    """TypeError unless x is a dense (strided) tensor of one of the supported floating dtypes."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(
+            f"{name} must be a dense tensor, got layout {x.layout}: sparse {what} are not "
+            "supported (x.to_dense() makes a dense copy)"
+        )
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must hold float16, bfloat16, float32 or float64 {what}, got {x.dtype}")
+
+
+def check_has_data(device, inputs):
+    """ValueError for meta tensors (shapes without values): the losses read every value."""
+    if device.type == "meta":
+        raise ValueError(
+            f"the {inputs} are meta tensors (device 'meta'), which hold no values to compute a "
+            "loss from: materialise them on a real device first"
+        )
 
 
 def check_labels(labels, leading_shape, device, inputs):
@@ -354,17 +390,56 @@ def check_labels(labels, leading_shape, device, inputs):
         raise ValueError(f"labels are on {labels.device} but the {inputs} are on {device}")
 
 
-def check_options(mu, temperature, ignore_index, reduction, backend):
-    if not _is_real(mu) or not (0.0 < float(mu) <= 1.0):
-        raise ValueError(f"mu must be a number in (0, 1], got {mu!r}")
-    if not _is_real(temperature) or not (math.isfinite(float(temperature)) and float(temperature) > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+def keep_mask(labels, ignore_index):
+    """(N,) bool, labels != ignore_index compared as integers, or None without labels.
+
+    A label dtype that cannot hold ignore_index (uint8 labels and -100, int32 labels and
+    2**32) never matches it: every row is kept, where a comparison in the labels' own dtype
+    would wrap ignore_index around to one of their values.
+    """
+    if labels is None:
+        return None
+    info = torch.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return torch.ones(labels.numel(), dtype=torch.bool, device=labels.device)
+    return (labels != ignore_index).reshape(-1)
+
+
+def check_options(mu, temperature, ignore_index, reduction, return_stats, backend):
+    """Errors for keyword arguments outside their domains (README "Use": keyword arguments)."""
+    _check_number("mu", mu, "in (0, 1]", lambda x: 0.0 < x <= 1.0)
+    _check_number("temperature", temperature, "> 0 and finite", lambda x: math.isfinite(x) and x > 0)
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 (labels are integers), got {ignore_index}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be True or False, got {return_stats!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_temperature_range(temperature, dtype):
+    """ValueError when 2 / T overflows the compute dtype (T below about 5.9e-39 in float32): the
+    kernels scale logits by log2(e) / T."""
+    if float(temperature) * torch.finfo(dtype).max < 2.0:
+        raise ValueError(
+            f"temperature {temperature!r} is too small for {dtype} arithmetic: 2 / T must be "
+            f"finite (T >= {2.0 / torch.finfo(dtype).max:.3g})"
+        )
+
+
+def _check_number(name, value, domain, holds):
+    """TypeError for a tensor (a Python number is needed: no host sync, no gradient to it),
+    ValueError for anything else that is not a real number in the domain."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a Python number {domain}, got a tensor ({value!r}); pass float({name})"
+        )
+    if not _is_real(value) or not holds(float(value)):
+        raise ValueError(f"{name} must be a Python number {domain}, got {value!r}")
 
 
 def _is_real(x):

@@ -6,6 +6,9 @@ is computed from SPEC section 2 step 7 directly (no autograd graph over vocabula
 intermediates). The head/tail split puts each row's tokens in buckets of logits (one scatter of
 the teacher's mass, one of the gaps, and one of counts when statistics are asked for) and
 orders exactly only the bucket that crosses mu; no row is sorted.
+
+Logits are read as they are and shifted by their row's maximum before the temperature divides
+them, (x - max) / T, so that neither large logits nor a small T overflow a finite row.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._rows import LossMode, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
+from ._rows import LossMode, RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
 
 NEG_INF = float("-inf")
 INF = float("inf")
@@ -52,6 +55,20 @@ CHUNK_ELEMENTS = 1 << 20
 MIN_CHUNK_ROWS = 8
 
 
+# State kept per row for torch_row_gradient (RowLosses.state, (N, len(STATE_FIELDS))): the
+# logits' maxima over the support, the sums of exp((x - max) / T), RKL, the two weights, and 1
+# where a log-ratio or divergence is beyond MODERATE (see _student_gradient). With them the
+# recomputed gradient equals the forward's bit for bit.
+STATE_FIELDS = ("max_t", "max_s", "sum_a", "sum_b", "rkl", "head_weight", "tail_weight", "extreme")
+# The statistics (STATS_FIELDS rows) that the state copies: RKL and the weights.
+STATE_STATS = [1, 4, 5]
+
+# A row whose FKL and RKL stay below this in magnitude has only finite log-ratios d (an
+# infinite one makes a sum NaN), and d + RKL cannot overflow float32 (its largest value plus
+# 1e30 rounds back to it); rows beyond it take the slower form that follows the limits.
+MODERATE = 1e30
+
+
 def torch_row_losses(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -73,8 +90,7 @@ def torch_row_losses(
             be student itself); None allocates it.
     """
     vocab = student.shape[-1]
-    leading_shape = student.shape[:-1]
-    n_rows = leading_shape.numel()
+    n_rows = student.numel() // vocab
     dtype = compute_dtype(student.dtype, teacher.dtype)
     device = student.device
 
@@ -82,37 +98,108 @@ def torch_row_losses(
     stats = torch.zeros(len(STATS_FIELDS), n_rows, dtype=dtype, device=device)
     head_size = torch.zeros(n_rows, dtype=torch.int64, device=device)
     split_path = torch.zeros(n_rows, dtype=torch.int32, device=device)
-    grad = None
-    if compute_grad:
-        grad = torch.empty(student.shape, dtype=student.dtype, device=device) if grad_out is None else grad_out
-        if keep is not None:
-            grad.view(n_rows, vocab).index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
+    state = torch.zeros(n_rows, len(STATE_FIELDS), dtype=dtype, device=device)
+    grad = _gradient_buffer(student, keep, grad_out) if compute_grad else None
+    grad_scale = grad_scale.to(dtype) if compute_grad else None
 
-    kept = torch.arange(n_rows, device=device) if keep is None else keep.nonzero().squeeze(1)
-    # The workspace holds 25 bytes per chunk element in float32 (33 when the inputs are copied
-    # for T or their dtype): chunks of at most CHUNK_ELEMENTS and 1/24 of the rows keep it near
-    # a quarter of a float32 gradient or less; fewer rows still get chunks of MIN_CHUNK_ROWS.
-    rows_per_chunk = max(1, min(CHUNK_ELEMENTS // vocab, max(n_rows // 24, MIN_CHUNK_ROWS), kept.numel()))
-    grad_factor = grad_scale.to(dtype) / config.temperature
-    workspace = _Workspace(rows_per_chunk, vocab, dtype, device)
-    read_teacher = _chunk_reader(teacher, keep, dtype, config.temperature)
-    read_student = _chunk_reader(student, keep, dtype, config.temperature)
-    for rows in kept.split(rows_per_chunk) if kept.numel() else ():
-        chunk = workspace.rows(rows.numel())
-        # a = t / T and b = s / T: views of the inputs where possible (never written), else
-        # copies in the workspace.
-        a = read_teacher(rows, lambda: chunk.a)
-        b = read_student(rows, lambda: chunk.b)
-        chunk_loss, chunk_stats, chunk_head_size, chunk_grad, chunk_path = _chunk_losses(
-            a, b, chunk, config, grad_factor if compute_grad else None
-        )
-        loss[rows] = chunk_loss
-        stats[:, rows] = chunk_stats
-        head_size[rows] = chunk_head_size
-        split_path[rows] = chunk_path
+    for rows, chunk, a, b in _chunks(student, teacher, keep, dtype):
+        result = _chunk_losses(a, b, chunk, config, grad_scale)
+        loss[rows] = result.loss
+        stats[:, rows] = result.stats
+        head_size[rows] = result.head_size
+        split_path[rows] = result.path
+        state[rows] = result.state
         if compute_grad:
-            grad.view(n_rows, vocab).index_copy_(0, rows, chunk_grad.to(grad.dtype))
-    return RowLosses(loss, stats, head_size, grad, split_path)
+            grad.view(n_rows, vocab).index_copy_(0, rows, result.grad.to(grad.dtype))
+    return RowLosses(loss, stats, head_size, grad, split_path, state)
+
+
+def torch_row_gradient(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    keep: torch.Tensor | None,
+    row_scale: torch.Tensor,
+    state: torch.Tensor,
+    config: RowLossConfig,
+    grad_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """d(sum_i row_scale_i * loss_i) / d student, from the inputs and torch_row_losses' state.
+
+    Args:
+        student, teacher, keep, config: as given to torch_row_losses.
+        row_scale: (N,) compute dtype, each row's factor (grad_output times the reduction's);
+            ignored rows get a zero gradient whatever it holds.
+        state: RowLosses.state of that call.
+        grad_out: as for torch_row_losses.
+
+    Returns:
+        Student-shaped, the student's dtype, contiguous. Each entry is computed in the compute
+        dtype with row_scale already applied and rounded once (a float16 gradient under loss
+        scaling keeps what float32 holds).
+    """
+    vocab = student.shape[-1]
+    n_rows = student.numel() // vocab
+    dtype = compute_dtype(student.dtype, teacher.dtype)
+    grad = _gradient_buffer(student, keep, grad_out)
+    inv_t = 1.0 / config.temperature
+    row_scale = row_scale.to(dtype)
+    # The weights are at most 1: with the row's factor over T finite, no factor overflows.
+    factors_finite = bool((row_scale * inv_t).isfinite().all())
+    for rows, chunk, a, b in _chunks(student, teacher, keep, dtype):
+        max_a, max_b, sum_a, sum_b, rkl, head_weight, tail_weight, extreme = state[rows].split(1, dim=1)
+        outside = _outside_support(a, b)
+        if outside is not None:
+            a = a.masked_fill(outside, NEG_INF)
+            b = b.masked_fill(outside, NEG_INF)
+        p, q, d, _ = _probabilities(a, b, max_a, max_b, inv_t, chunk, outside, (sum_a, sum_b))
+        weights = torch.cat((head_weight, tail_weight), 1).mul_(row_scale[rows, None])
+        careful = not factors_finite or bool(extreme.any())
+        chunk_grad = _student_gradient(d, q, torch.sub(q, p, out=p), rkl.squeeze(1), weights, inv_t, careful)
+        chunk_grad[head_weight.squeeze(1).isnan()] = float("nan")  # invalid rows
+        grad.view(n_rows, vocab).index_copy_(0, rows, chunk_grad.to(grad.dtype))
+    return grad
+
+
+TORCH_BACKEND = RowBackend(
+    row_losses=torch_row_losses,
+    row_gradient=torch_row_gradient,
+    # The forward pass has p, q and log p - log q at hand: the gradient costs four more
+    # elementwise passes there, against eight when recomputed. A float16 gradient waits for
+    # backward, where grad_output (the loss scale) enters before the rounding to float16.
+    forward_gradient_dtypes=(torch.bfloat16, torch.float32, torch.float64),
+    split_path_name=split_path_name,
+)
+
+
+def _gradient_buffer(student, keep, grad_out):
+    """The gradient's tensor (grad_out, or a new one), zero at ignored rows."""
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if grad_out is None else grad_out
+    if keep is not None:
+        grad.view(-1, student.shape[-1]).index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
+    return grad
+
+
+def _chunks(student, teacher, keep, dtype):
+    """The kept rows in chunks: yields (rows (R,) int64, the chunk's workspace buffers, teacher
+    rows (R, V), student rows (R, V)), the logits in the compute dtype, never written to.
+
+    The workspace holds 25 bytes per chunk element in float32 (33 when the inputs are copied
+    for their dtype or layout): chunks of at most CHUNK_ELEMENTS and 1/24 of the rows keep it
+    near a quarter of a float32 gradient or less; fewer rows still get chunks of MIN_CHUNK_ROWS.
+    """
+    vocab = student.shape[-1]
+    n_rows = student.numel() // vocab
+    kept = torch.arange(n_rows, device=student.device) if keep is None else keep.nonzero().squeeze(1)
+    if kept.numel() == 0:
+        return
+    rows_per_chunk = max(1, min(CHUNK_ELEMENTS // vocab, max(n_rows // 24, MIN_CHUNK_ROWS), kept.numel()))
+    workspace = _Workspace(rows_per_chunk, vocab, dtype, student.device)
+    read_teacher = _chunk_reader(teacher, keep, dtype)
+    read_student = _chunk_reader(student, keep, dtype)
+    for rows in kept.split(rows_per_chunk):
+        chunk = workspace.rows(rows.numel())
+        # Views of the inputs where possible, else copies in the workspace.
+        yield rows, chunk, read_teacher(rows, lambda: chunk.a), read_student(rows, lambda: chunk.b)
 
 
 class _Workspace:
@@ -171,12 +258,12 @@ class _ChunkBuffers:
         return self._workspace.buffer(name)[: self._count]
 
 
-def _chunk_reader(x, keep, dtype, temperature):
-    """A function (rows, out) -> x[rows] / T as an (R, V) tensor of the compute dtype.
+def _chunk_reader(x, keep, dtype):
+    """A function (rows, out) -> x[rows] as an (R, V) tensor of the compute dtype.
 
     The result is a view of x when every row is kept, the rows of x form one strided 2-D
-    view, the dtype already matches and T = 1; otherwise it is written into out(), a function
-    that returns the workspace buffer (so that the buffer is only allocated when needed).
+    view and the dtype already matches; otherwise it is written into out(), a function that
+    returns the workspace buffer (so that the buffer is only allocated when needed).
     """
     vocab = x.shape[-1]
     try:
@@ -187,57 +274,72 @@ def _chunk_reader(x, keep, dtype, temperature):
     def read(rows, out):
         if keep is None and rows_2d is not None:
             source = rows_2d[int(rows[0]) : int(rows[-1]) + 1]  # consecutive rows: a view
-            if source.dtype == dtype and temperature == 1.0:
-                return source
-            target = out().copy_(source)
-        elif rows_2d is not None and x.dtype == dtype:
-            target = torch.index_select(rows_2d, 0, rows, out=out())
-        else:
-            target = out().copy_(x[torch.unravel_index(rows, x.shape[:-1])])
-        return target.div_(temperature) if temperature != 1.0 else target
+            return source if source.dtype == dtype else out().copy_(source)
+        if rows_2d is not None and x.dtype == dtype:
+            return torch.index_select(rows_2d, 0, rows, out=out())
+        return out().copy_(x[torch.unravel_index(rows, x.shape[:-1])])
 
     return read
 
 
-def _chunk_losses(a, b, chunk, config, grad_factor):
-    """SPEC section 2 for a chunk of R rows of a = t / T and b = s / T, both (R, V).
+class _ChunkResult(NamedTuple):
+    """_chunk_losses' results for R rows: loss (R,), stats (6, R), head_size (R,), grad (R, V)
+    in a workspace buffer or None, path (R,) split path codes, state (R, 8) as STATE_FIELDS."""
 
-    a and b are not written to; `chunk` holds the workspace buffers cut to R rows. Returns
-    (loss (R,), stats (6, R), head_size (R,), grad (R, V) in a workspace buffer, or None).
-    grad_factor is grad_scale / T, or None when no gradient is wanted.
+    loss: torch.Tensor
+    stats: torch.Tensor
+    head_size: torch.Tensor
+    grad: Optional[torch.Tensor]
+    path: torch.Tensor
+    state: torch.Tensor
+
+
+def _chunk_losses(a, b, chunk, config, grad_scale) -> _ChunkResult:
+    """SPEC section 2 for a chunk of R rows of teacher logits a and student logits b, both (R, V).
+
+    a and b are not written to; `chunk` holds the workspace buffers cut to R rows. grad_scale
+    (0-dim, at most 1) is the gradient's factor, or None when no gradient is wanted.
     """
+    inv_t = 1.0 / config.temperature
     # Step 1: rows with NaN or +inf logits (their max is NaN or +inf) must give NaN; positions
     # where either logit is -inf are outside the support.
     max_a, max_b = a.amax(1, keepdim=True), b.amax(1, keepdim=True)
     min_a = a.amin(1, keepdim=True)
     invalid = ~(max_a.squeeze(1) < INF) | ~(max_b.squeeze(1) < INF)
-    outside = None
-    if bool((min_a.min() == NEG_INF) | (b.amin() == NEG_INF)):
-        outside = (a == NEG_INF) | (b == NEG_INF)
+    outside = _outside_support(a, b, min_a)
+    if outside is not None:  # the extremes over the support
         a = a.masked_fill(outside, NEG_INF)
         b = b.masked_fill(outside, NEG_INF)
-
-    # Step 2: p = softmax(a), q = softmax(b) over the support.
-    if outside is not None:  # the extremes over the support
         max_a, max_b, min_a = a.amax(1, keepdim=True), b.amax(1, keepdim=True), a.amin(1, keepdim=True)
-    p, shifted_a, log_z_a = _softmax(a, max_a, chunk.p, chunk.shifted_a)
-    q, shifted_b, log_z_b = _softmax(b, max_b, chunk.q, chunk.shifted_b)
+
+    # Step 2: p = softmax(a / T), q = softmax(b / T) over the support, d = log p - log q.
+    p, q, d, (sum_a, sum_b) = _probabilities(a, b, max_a, max_b, inv_t, chunk, outside)
     invalid |= max_a.squeeze(1) == NEG_INF  # empty support
+    scratch = chunk.shifted_b
 
-    # d = log p - log q on the support (0 outside), with log p = (a - max_a) - log_z_a.
-    d = shifted_a.sub_(shifted_b).sub_(log_z_a - log_z_b)
-    if outside is not None:
-        d.masked_fill_(outside, 0.0)
-    scratch = shifted_b
-
-    # Step 5: FKL = sum p (log p - log q), RKL = sum q (log q - log p).
+    # Step 5: FKL = sum p (log p - log q), RKL = sum q (log q - log p). A term whose
+    # probability is 0 is 0 (the limit of p log p), even where its log-ratio is infinite
+    # because the logits span more than float32 holds: rows where that happens (and only
+    # they give NaN, or sums beyond MODERATE) are summed again with those terms set to 0.
     fkl = torch.mul(p, d, out=scratch).sum(1)
     rkl = torch.mul(q, d, out=scratch).sum(1).neg_()
+    # Invalid rows give NaN sums too: one check of the chunk's total tells that no row needs a
+    # closer look (the common case).
+    total = float((fkl + rkl).sum())
+    any_invalid = extreme = False
+    extreme_rows = None
+    if not (math.isfinite(total) and abs(total) < MODERATE):
+        any_invalid = bool(invalid.any())
+        extreme_rows = ~(torch.maximum(fkl.abs(), rkl.abs()) < MODERATE) & ~invalid
+        extreme = bool(extreme_rows.any())
+    if extreme:
+        fkl = torch.where(p > 0, p * d, 0.0).sum(1)
+        rkl = torch.where(q > 0, q * d, 0.0).sum(1).neg_()
 
     # Steps 3 and 4: the head/tail split and the gaps |p - q| over head and tail; weights from
     # them (AKL) or fixed. The split orders the teacher's mass while p is whole; then q - p
     # (for the gradient) takes p's buffer and |q - p| the scratch buffer.
-    split = _find_split(a, max_a, min_a, log_z_a, p, invalid, config.mu, chunk) if config.split else None
+    split = _find_split(a, max_a, min_a, sum_a.log(), p, invalid, config, chunk) if config.split else None
     q_minus_p = torch.sub(q, p, out=p)
     if config.split:
         gap = torch.abs(q_minus_p, out=scratch)
@@ -258,41 +360,100 @@ def _chunk_losses(a, b, chunk, config, grad_factor):
         head_weight = torch.full_like(fkl, 1.0 if config.mode == LossMode.FKL else 0.0)
         tail_weight = 1.0 - head_weight
 
-    # Step 6: the loss (w_tail = 0 for FKL, w_head = 0 for RKL).
-    loss = head_weight * fkl + tail_weight * rkl
+    # Step 6: the loss; a divergence with weight 0 adds nothing, even when it is +inf.
+    if extreme:
+        loss = _weighted(head_weight, fkl) + _weighted(tail_weight, rkl)
+    else:
+        loss = head_weight * fkl + tail_weight * rkl
     stats = torch.stack((fkl, rkl, head_gap, tail_gap, head_weight, tail_weight))
-    any_invalid = bool(invalid.any())
     if any_invalid:  # NaN loss and statistics, head size 0 and no split path (as the Triton backend)
         loss[invalid] = float("nan")
         stats[:, invalid] = float("nan")
         head_size = head_size.masked_fill(invalid, 0)
         path = path.masked_fill(invalid, 0)
+    extreme_flags = fkl.new_zeros(fkl.shape[0], 1) if extreme_rows is None else extreme_rows[:, None].to(fkl.dtype)
+    state = torch.cat((max_a, max_b, sum_a, sum_b, stats[STATE_STATS].T, extreme_flags), 1)
 
-    # Step 7: d loss / d b_j = w_head (q_j - p_j) + w_tail q_j (log q_j - log p_j - RKL), times
-    # f = grad_scale / T, built in d's buffer as q_j (-f w_tail) (d_j + RKL) + f w_head (q_j - p_j).
-    # It is 0 outside the support, where p = q = 0 and d = 0.
+    # Step 7, built in d's buffer.
     grad = None
-    if grad_factor is not None:
-        head_factor = (head_weight * grad_factor)[:, None]
-        tail_factor = (tail_weight * grad_factor)[:, None]
-        grad = d.add_(rkl[:, None]).mul_(q).mul_(-tail_factor)
-        grad.addcmul_(q_minus_p, head_factor)
+    if grad_scale is not None:
+        weights = torch.stack((head_weight, tail_weight), 1).mul_(grad_scale)
+        grad = _student_gradient(d, q, q_minus_p, rkl, weights, inv_t, extreme)
         if any_invalid:
             grad[invalid] = float("nan")
-    return loss, stats, head_size, grad, path
+    return _ChunkResult(loss, stats, head_size, grad, path, state)
 
 
-def _softmax(x, row_max, out, out_shifted):
-    """Row softmax of (R, V) x (-inf outside the support), in the pieces log softmax needs.
+def _outside_support(a, b, min_a=None):
+    """(R, V) bool, True where either logit is -inf; None when no position of the chunk is.
+    min_a: a's row minima when already known."""
+    if bool(((a if min_a is None else min_a).amin() == NEG_INF) | (b.amin() == NEG_INF)):
+        return (a == NEG_INF) | (b == NEG_INF)
+    return None
 
-    row_max: (R, 1) the rows' largest value. Returns (softmax in out, x - max in out_shifted,
-    log_z (R, 1)) with log softmax = (x - max) - log_z, the exponentials taken once. Rows
-    without support give NaN (they are invalid anyway).
+
+def _shift(x, row_max, inv_t, out):
+    """(x - max) / T into out: the shift first, so that neither large logits nor a small T
+    overflow (a logit more than float32's range below the max gives -inf)."""
+    shifted = torch.sub(x, row_max, out=out)
+    return shifted.mul_(inv_t) if inv_t != 1.0 else shifted
+
+
+def _probabilities(a, b, max_a, max_b, inv_t, chunk, outside, sums=None):
+    """p = softmax(a / T), q = softmax(b / T) and d = log p - log q, each (R, V), for logits
+    that are -inf outside the support (`outside`, or None when nothing is).
+
+    max_a, max_b: (R, 1) the rows' largest logits. With sum_a the sum of exp((a - max_a) / T),
+    log p = (a - max_a) / T - log sum_a; the exponentials are taken once. d is 0 outside the
+    support. The sums are computed unless given: the gradient's recomputation passes the
+    forward's, and so gets the forward's numbers exactly. Returns (p, q, d, (sum_a, sum_b)),
+    p, q and d in the chunk's p, q and shifted_a buffers. Rows without support give NaN (they
+    are invalid anyway).
     """
-    shifted = torch.sub(x, row_max, out=out_shifted)
-    e = torch.exp(shifted, out=out)
-    total = e.sum(1, keepdim=True)
-    return e.div_(total), shifted, total.log_()
+    shifted_a = _shift(a, max_a, inv_t, chunk.shifted_a)
+    shifted_b = _shift(b, max_b, inv_t, chunk.shifted_b)
+    p = torch.exp(shifted_a, out=chunk.p)
+    q = torch.exp(shifted_b, out=chunk.q)
+    sum_a, sum_b = (p.sum(1, keepdim=True), q.sum(1, keepdim=True)) if sums is None else sums
+    p.div_(sum_a)
+    q.div_(sum_b)
+    d = shifted_a.sub_(shifted_b).sub_(sum_a.log() - sum_b.log())
+    if outside is not None:
+        d.masked_fill_(outside, 0.0)
+    return p, q, d, (sum_a, sum_b)
+
+
+def _weighted(weight, divergence):
+    """weight * divergence, and 0 where the weight is 0 (even for an infinite divergence)."""
+    return torch.where(weight == 0, 0.0, weight * divergence)
+
+
+def _student_gradient(d, q, q_minus_p, rkl, weights, inv_t, careful):
+    """SPEC section 2 step 7, times each row's factor, written into d's buffer and returned.
+
+    d = log p - log q (R, V), 0 outside the support; q and q - p (R, V); rkl (R,); weights
+    (R, 2): w_head and w_tail times the row's factor; inv_t = 1 / T. With f_h, f_t those
+    factors over T: d loss / d s_j = f_h (q_j - p_j) - f_t q_j (d_j + RKL).
+
+    Unless `careful` (a row's divergence beyond MODERATE, or factors over T that may overflow),
+    nothing can overflow into a NaN: d + RKL is finite, and its products with q and the finite
+    factors may at most overflow to an infinity. Careful, the terms follow their limits: q_j = 0
+    gives 0 whatever d_j is, and d_j + RKL = inf - inf (a ratio as infinite as the divergence it
+    is part of) gives 0; 1 / T multiplies last.
+    """
+    if not careful:
+        factors = weights * inv_t
+        head_factor, tail_factor = factors[:, :1], factors[:, 1:]
+        grad = d.add_(rkl[:, None]).mul_(q).mul_(-tail_factor)
+        return grad.addcmul_(q_minus_p, head_factor)
+    head_factor, tail_factor = weights[:, :1], weights[:, 1:]
+    rkl = rkl[:, None]
+    infinite_pair = d == -rkl
+    ratio_plus_divergence = d.add_(rkl).masked_fill_(infinite_pair, 0.0)
+    weighted_q = q * tail_factor
+    tail = torch.where(weighted_q == 0, 0.0, weighted_q * ratio_plus_divergence)
+    grad = torch.sub(q_minus_p * head_factor, tail, out=d)
+    return grad.mul_(inv_t) if inv_t != 1.0 else grad
 
 
 class _Split(NamedTuple):
@@ -315,27 +476,33 @@ class _Split(NamedTuple):
     path: int
 
 
-def _find_split(a, max_a, min_a, log_z_a, p, invalid, mu, chunk) -> _Split:
+def _find_split(a, max_a, min_a, log_z_a, p, invalid, config, chunk) -> _Split:
     """SPEC section 2 step 3 for a chunk: which tokens are head, from the teacher's logits and mass.
 
-    a, p: (R, V) logits over T and teacher probabilities (-inf and 0 outside the support);
-    max_a, min_a, log_z_a: (R, 1) the rows' largest and smallest logit and log normaliser;
-    invalid: (R,) rows whose results are NaN anyway. The head is the longest prefix of the
-    teacher's order (p descending, ties by lower index) whose running mass stays <= mu, at least
-    one token. Token j goes to bucket floor((max - a_j) * BUCKETS_PER_UNIT), the last bucket
-    taking every lower logit and -inf: equal logits share a bucket, and a lower bucket holds
-    only larger logits than a higher one. The running mass over buckets tells the bucket that
-    crosses mu; only its tokens are ordered.
+    a, p: (R, V) teacher logits and probabilities (-inf and 0 outside the support);
+    max_a, min_a, log_z_a: (R, 1) the rows' largest and smallest logit and log normaliser (of
+    (a - max) / T); invalid: (R,) rows whose results are NaN anyway. The head is the longest
+    prefix of the teacher's order (p descending, ties by lower index) whose running mass stays
+    <= mu, at least one token. Token j goes to bucket floor((max - a_j) / T * BUCKETS_PER_UNIT),
+    the last bucket taking every lower logit and -inf: equal logits share a bucket, and a lower
+    bucket holds only larger logits than a higher one. The running mass over buckets tells the
+    bucket that crosses mu; only its tokens are ordered.
     """
+    mu = config.mu
     if mu >= 1.0:  # no running sum can move a token to the tail
         support_size = torch.count_nonzero(a > NEG_INF, dim=1)
         return _Split(None, None, None, False, support_size, SPLIT_PATH_CODES["all head"])
     n_rows, vocab = a.shape
     workspace = chunk.workspace
-    # max * S - a * S: exact products (S is a power of two), one rounding, order kept. The
-    # scratch buffer is free here (the gaps take it afterwards).
-    key = torch.add(max_a * BUCKETS_PER_UNIT, a, alpha=-BUCKETS_PER_UNIT, out=chunk.shifted_b)
-    if not bool(((max_a - min_a) * BUCKETS_PER_UNIT < SPLIT_BUCKETS - 1).all()):  # -inf, NaN or a wide row
+    # max k - a k with k = S / T: one pass, and rounding keeps the order (exact products at
+    # T = 1, S being a power of two); (max - a) k where max k would overflow. The scratch buffer
+    # is free here (the gaps take it afterwards).
+    k = BUCKETS_PER_UNIT / config.temperature
+    if bool((max_a.abs() * k < 1e38).all()):
+        key = torch.add(max_a * k, a, alpha=-k, out=chunk.shifted_b)
+    else:  # k itself may overflow at small T: the 1 / T first
+        key = torch.sub(max_a, a, out=chunk.shifted_b).mul_(1.0 / config.temperature).mul_(BUCKETS_PER_UNIT)
+    if not bool(((max_a - min_a) * k < SPLIT_BUCKETS - 1).all()):  # -inf, NaN or a wide row
         key.clamp_(max=SPLIT_BUCKETS - 1)
         key[invalid] = SPLIT_BUCKETS - 1  # NaN keys: any bucket will do for rows that give NaN
     keys = workspace.buffer("keys", torch.int64)[:n_rows].copy_(key)  # truncation = floor here

@@ -1,8 +1,8 @@
-"""The Triton backend: one kernel family for AKL, FKL and RKL, in four kernels over a row.
+"""The Triton backend: one kernel family for AKL, FKL and RKL, in five kernels over a row.
 
-Each kernel runs a persistent grid whose programs take rows in turn and stream them block by
-block; a small per-row record carries each kernel's results to the next (docs/kernel.md has the
-design, the traffic and the compiled code; README's "What it computes" the maths):
+The streaming kernels run a persistent grid whose programs take rows in turn and stream them
+block by block; a small per-row record carries each kernel's results to the next (docs/kernel.md
+has the design, the traffic and the compiled code; README's "What it computes" the maths):
 
   _row_statistics_kernel  pass 1 (teacher and student): online max and sum of exp2 of the logits
            over T in base-2 units, FKL and RKL summed online against the running maxima,
@@ -16,28 +16,33 @@ design, the traffic and the compiled code; README's "What it computes" the maths
            and tail; ties of the crossing value take the head in index order by a running rank,
            and a bracket's tokens are kept (value, gap) in a per-program buffer and placed once
            the pass has the mass above the bracket;
-  _gradient_kernel  the weights, the loss and statistics, and pass 3 (teacher and student, write):
-           the gradient with respect to the student logits.
+  _loss_kernel  the weights, the loss and the statistics of each row (no row-long work);
+  _gradient_kernel  pass 3 (teacher and student, write): the gradient with respect to the
+           student logits, each row times its factor (grad_output and the reduction's), run by
+           triton_row_gradient in akl_loss's backward pass.
 
 So a row costs 7 units of memory traffic (a unit is one row of one tensor): 2 + 2 + 3, or 5 for
 FKL and RKL without statistics (no pass 2), plus one teacher-only unit per bracket pass for
 rows whose head holds at least TOPK tokens. Nothing vocabulary-sized is written except the
 gradient. Offsets are int64; inputs are read in their own dtype (16-byte loads where rows are
 aligned) and upcast in registers to float32, or float64 for float64 inputs. The head/tail
-order is taken on the teacher's logits themselves (t, not t/T), so ties are exact ties. The
-loss mode and the passes are compile-time switches; mu and the temperature are runtime values.
+order is taken on the teacher's logits themselves (t, not t/T), so ties are exact ties. Logits
+are shifted by their row's maximum before T scales them, and a term whose probability is 0 is
+0 whatever its log-ratio, so that finite logits never give NaN. The loss mode and the passes
+are compile-time switches; mu and the temperature are runtime values.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._rows import TOPK, LossMode, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
+from ._rows import TOPK, LossMode, RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
 
 MODE_AKL: tl.constexpr = tl.constexpr(int(LossMode.AKL))
 MODE_FKL: tl.constexpr = tl.constexpr(int(LossMode.FKL))
@@ -75,6 +80,8 @@ SCAN_BLOCK = 512
 # thread (ptxas's .maxnreg), two programs of 256 threads fit in one SM's 65536 registers.
 PROGRAMS_PER_SM = 2
 MAX_REGISTERS = 128
+# Rows per program of the loss kernel (which reads no row of logits).
+LOSS_ROWS = 256
 
 
 @triton.jit
@@ -407,8 +414,9 @@ def _gap_pass_with_bracket(
 
 # The per-row record that each kernel leaves for the next.
 # compute dtype: max t, max s, log2 Z_a, log2 Z_b, FKL, RKL, crossing (or the bracket's lo), hi,
-# head gap, tail gap, min t
-ROW_VALUES: tl.constexpr = tl.constexpr(11)
+# head gap, tail gap, min t, head weight, tail weight. It is RowLosses.state: the gradient kernel
+# reads it in backward.
+ROW_VALUES: tl.constexpr = tl.constexpr(13)
 # int32: split path (PATH_* + 8 x bracket passes; -1 for an invalid row), ties in head, head size
 ROW_CODES: tl.constexpr = tl.constexpr(3)
 
@@ -420,7 +428,7 @@ def _row_statistics_kernel(
     student_row_offsets_ptr,  # *int64 [N] element offset of each student row
     teacher_row_offsets_ptr,  # *int64 [N] element offset of each teacher row
     keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
-    params_ptr,  # *compute dtype [4]: gradient scale, mu, temperature, log2(e) / T
+    params_ptr,  # *compute dtype [3]: mu, 1 / T, log2(e) / T
     row_values_ptr,  # *compute dtype [N, ROW_VALUES] written for kept rows: 0-5
     row_codes_ptr,  # *int32 [N, ROW_CODES] written for kept rows: (-1 if invalid else 0, student has -inf)
     row_top_ptr,  # *compute dtype [N, TOPK] written for kept rows when SPLIT
@@ -441,7 +449,7 @@ def _row_statistics_kernel(
     while row < n_rows:
         keep = _is_kept(keep_ptr, row, HAS_KEEP)
         if keep:
-            c = tl.load(params_ptr + 3)  # log2(e) / T: a in base-2 units is t * c
+            c = tl.load(params_ptr + 2)  # log2(e) / T: a in base-2 units is t * c
             student_row, teacher_row = _row_pointers(
                 student_ptr, teacher_ptr, student_row_offsets_ptr, teacher_row_offsets_ptr, row,
                 STUDENT_ALIGN, TEACHER_ALIGN,
@@ -477,11 +485,13 @@ def _row_statistics_kernel(
                 if (new_max_t != max_t) | (new_max_s != max_s):
                     if max_t > float("-inf"):
                         # Earlier terms: weights scale by 2^(old - new), d shifts by the change.
+                        # A weight that drops to 0 takes its terms with it (even where the
+                        # shift, across more than float32's range, is infinite).
                         scale_a = tl.exp2((max_t - new_max_t) * c)
                         scale_b = tl.exp2((max_s - new_max_s) * c)
                         shift = ((max_t - new_max_t) - (max_s - new_max_s)) * c
-                        s_p = scale_a * (s_p + shift * z_a)
-                        s_q = scale_b * (s_q + shift * z_b)
+                        s_p = tl.where(scale_a > 0, scale_a * (s_p + shift * z_a), 0.0)
+                        s_q = tl.where(scale_b > 0, scale_b * (s_q + shift * z_b), 0.0)
                         z_a = scale_a * z_a
                         z_b = scale_b * z_b
                     max_t = new_max_t
@@ -491,11 +501,13 @@ def _row_statistics_kernel(
                 x_b = (s - tl.where(max_s > float("-inf"), max_s, 0.0)) * c
                 e_a = tl.exp2(x_a)  # 0 outside the support
                 e_b = tl.exp2(x_b)
-                d = tl.where(support, x_a - x_b, 0.0)
+                d = x_a - x_b
                 z_a += _lane_sum(e_a, BLOCK)
                 z_b += _lane_sum(e_b, BLOCK)
-                s_p += _lane_sum(e_a * d, BLOCK)
-                s_q += _lane_sum(e_b * d, BLOCK)
+                # A term whose probability is 0 is 0 (the limit of p log p), also where d is
+                # infinite: a logit more than float32's range below its row's max.
+                s_p += _lane_sum(tl.where(e_a > 0, e_a * d, 0.0), BLOCK)
+                s_q += _lane_sum(tl.where(e_b > 0, e_b * d, 0.0), BLOCK)
                 if SPLIT:
                     if block_max_t > tl.min(top, 0):
                         top = _merge_top(top, t, BLOCK, TOPK)
@@ -530,7 +542,7 @@ def _split_kernel(
     student_row_offsets_ptr,  # *int64 [N]
     teacher_row_offsets_ptr,  # *int64 [N]
     keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
-    params_ptr,  # *compute dtype [4]: gradient scale, mu, temperature, log2(e) / T
+    params_ptr,  # *compute dtype [3]: mu, 1 / T, log2(e) / T
     row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 0-3, writes 6-7
     row_codes_ptr,  # *int32 [N, ROW_CODES]: reads (invalid, student has -inf), writes (path, ties in head)
     row_top_ptr,  # *compute dtype [N, TOPK] the largest teacher logits of each row
@@ -557,8 +569,8 @@ def _split_kernel(
         if keep:
             keep = tl.load(codes) >= 0  # a valid row
         if keep:
-            mu = tl.load(params_ptr + 1)
-            c = tl.load(params_ptr + 3)
+            mu = tl.load(params_ptr + 0)
+            c = tl.load(params_ptr + 2)
             values = row_values_ptr + row * ROW_VALUES
             max_t = tl.load(values + 0)
             log2_z_a = tl.load(values + 2)
@@ -674,7 +686,7 @@ def _gap_kernel(
     student_row_offsets_ptr,  # *int64 [N]
     teacher_row_offsets_ptr,  # *int64 [N]
     keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
-    params_ptr,  # *compute dtype [4]: gradient scale, mu, temperature, log2(e) / T
+    params_ptr,  # *compute dtype [3]: mu, 1 / T, log2(e) / T
     row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 0-3 and 6-7, writes 8-9
     row_codes_ptr,  # *int32 [N, ROW_CODES]: reads (path, ties in head), writes the head size
     buffer_ptr,  # *compute dtype [programs, CAPACITY, 2] a bracket's (teacher logit, |p - q|), in index order (scratch)
@@ -705,8 +717,8 @@ def _gap_kernel(
             path = tl.load(codes)
             keep = (path >= 0) & ((path % 8 == PATH_BUFFER) == BRACKET)  # a valid row of this launch
         if keep:
-            mu = tl.load(params_ptr + 1)
-            c = tl.load(params_ptr + 3)
+            mu = tl.load(params_ptr + 0)
+            c = tl.load(params_ptr + 2)
             student_row, teacher_row = _row_pointers(
                 student_ptr, teacher_ptr, student_row_offsets_ptr, teacher_row_offsets_ptr, row,
                 STUDENT_ALIGN, TEACHER_ALIGN,
@@ -742,136 +754,163 @@ def _gap_kernel(
 
 
 @triton.jit
-def _gradient_kernel(
-    student_ptr,  # *{fp16,bf16,fp32,fp64} student logits, as for _row_statistics_kernel
-    teacher_ptr,  # *{fp16,bf16,fp32,fp64} teacher logits
-    student_row_offsets_ptr,  # *int64 [N]
-    teacher_row_offsets_ptr,  # *int64 [N]
+def _weighted(weight, divergence):
+    """weight * divergence, and 0 where the weight is 0 (even for an infinite divergence)."""
+    return tl.where(weight == 0, 0.0, weight * divergence)
+
+
+@triton.jit
+def _loss_kernel(
     keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
-    grad_ptr,  # *student dtype [N, V] contiguous gradient (written only when COMPUTE_GRAD)
-    params_ptr,  # *compute dtype [4]: gradient scale (the reduction's factor), mu, temperature, log2(e) / T
-    row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 0-5, and 8-9 when SPLIT
+    row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 4-5, and 8-9 when SPLIT; writes 11-12
     row_codes_ptr,  # *int32 [N, ROW_CODES]: reads the path (-1: invalid), and the head size when SPLIT
     loss_ptr,  # *compute dtype [N] per-row loss
     stats_ptr,  # *compute dtype [6, N] fkl, rkl, head_gap, tail_gap, head_weight, tail_weight
     head_size_ptr,  # *int64 [N] number of head tokens
     split_path_ptr,  # *int32 [N] how the split was found: PATH_* + 8 x bracket passes
     n_rows,
-    V,
     MODE: tl.constexpr,  # MODE_AKL, MODE_FKL or MODE_RKL
     SPLIT: tl.constexpr,
     HAS_KEEP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,  # rows per program
+):
+    """The weights, the loss and the statistics of BLOCK rows per program (nothing row-long)."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = row < n_rows
+    keep = in_range
+    if HAS_KEEP:
+        keep = keep & tl.load(keep_ptr + row, mask=in_range, other=0).to(tl.int1)
+    values = row_values_ptr + row * ROW_VALUES
+    codes = row_codes_ptr + row * ROW_CODES
+    fkl = tl.load(values + 4, mask=keep, other=0.0)
+    rkl = tl.load(values + 5, mask=keep, other=0.0)
+    path = tl.load(codes, mask=keep, other=0)
+    invalid = path < 0
+    zero = tl.zeros([BLOCK], COMPUTE_DTYPE)
+    head_gap = zero
+    tail_gap = zero
+    head_size = tl.zeros([BLOCK], tl.int32)
+    if SPLIT:
+        valid = keep & ~invalid
+        head_gap = tl.load(values + 8, mask=valid, other=0.0)
+        tail_gap = tl.load(values + 9, mask=valid, other=0.0)
+        head_size = tl.load(codes + 2, mask=valid, other=0)
+    if MODE == MODE_AKL:
+        # w = gap / (head_gap + tail_gap); 0.5 each when q == p on the support.
+        total_gap = head_gap + tail_gap
+        tied = total_gap == 0
+        total_gap = tl.where(tied, 1.0, total_gap)
+        head_weight = tl.where(tied, 0.5, head_gap / total_gap)
+        tail_weight = tl.where(tied, 0.5, tail_gap / total_gap)
+    elif MODE == MODE_FKL:
+        head_weight = zero + 1.0
+        tail_weight = zero
+    else:
+        tl.static_assert(MODE == MODE_RKL, "unknown loss mode")
+        head_weight = zero
+        tail_weight = zero + 1.0
+    # A divergence with weight 0 adds nothing, even when it is +inf.
+    loss = _weighted(head_weight, fkl) + _weighted(tail_weight, rkl)
+    # Invalid rows (NaN, +inf, empty support): NaN loss and statistics, head size 0, no path.
+    # Ignored rows: all 0.
+    nan = zero + float("nan")
+    loss = tl.where(keep, tl.where(invalid, nan, loss), 0.0)
+    fkl = tl.where(invalid, nan, fkl)
+    rkl = tl.where(invalid, nan, rkl)
+    head_gap = tl.where(invalid, nan, head_gap)
+    tail_gap = tl.where(invalid, nan, tail_gap)
+    head_weight = tl.where(keep, tl.where(invalid, nan, head_weight), 0.0)
+    tail_weight = tl.where(keep, tl.where(invalid, nan, tail_weight), 0.0)
+    head_size = tl.where(invalid, 0, head_size)
+    path = tl.where(invalid, 0, path)
+    tl.store(values + 11, head_weight, mask=keep)  # for the gradient kernel
+    tl.store(values + 12, tail_weight, mask=keep)
+    tl.store(loss_ptr + row, loss, mask=in_range)
+    tl.store(stats_ptr + 0 * n_rows + row, fkl, mask=in_range)
+    tl.store(stats_ptr + 1 * n_rows + row, rkl, mask=in_range)
+    tl.store(stats_ptr + 2 * n_rows + row, head_gap, mask=in_range)
+    tl.store(stats_ptr + 3 * n_rows + row, tail_gap, mask=in_range)
+    tl.store(stats_ptr + 4 * n_rows + row, head_weight, mask=in_range)
+    tl.store(stats_ptr + 5 * n_rows + row, tail_weight, mask=in_range)
+    tl.store(head_size_ptr + row, head_size.to(tl.int64), mask=in_range)
+    tl.store(split_path_ptr + row, path, mask=in_range)
+
+
+@triton.jit
+def _gradient_kernel(
+    student_ptr,  # *{fp16,bf16,fp32,fp64} student logits, as for _row_statistics_kernel
+    teacher_ptr,  # *{fp16,bf16,fp32,fp64} teacher logits
+    student_row_offsets_ptr,  # *int64 [N]
+    teacher_row_offsets_ptr,  # *int64 [N]
+    keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
+    grad_ptr,  # *student dtype [N, V] contiguous gradient
+    params_ptr,  # *compute dtype [3]: mu, 1 / T, log2(e) / T
+    row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 0-3, 5 and 11-12
+    row_scale_ptr,  # *compute dtype: row i's factor (grad_output times the reduction's) at i * row_scale_stride
+    row_scale_stride,  # 0 when every row has the same factor
+    n_rows,
+    V,
+    MODE: tl.constexpr,  # MODE_AKL, MODE_FKL or MODE_RKL
+    HAS_KEEP: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     STUDENT_ALIGN: tl.constexpr,
     TEACHER_ALIGN: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """The weights, the loss and statistics, and pass 3 (the gradient) of each row."""
+    """Pass 3 of each row: the gradient with respect to the student logits, times the row's factor,
+    rounded once to the student's dtype. Ignored rows get 0 without being read."""
     program = tl.program_id(0)
     programs = tl.num_programs(0)
-    zero = tl.zeros([], COMPUTE_DTYPE)
     row = program.to(tl.int64)
     while row < n_rows:
-        keep = _is_kept(keep_ptr, row, HAS_KEEP)
-        loss = zero
-        fkl = zero
-        rkl = zero
-        head_gap = zero
-        tail_gap = zero
-        head_weight = zero
-        tail_weight = zero
-        head_size = tl.zeros([], tl.int32)
-        path = tl.zeros([], tl.int32)
-        if keep:
+        grad_row = grad_ptr + row * V
+        if _is_kept(keep_ptr, row, HAS_KEEP):
+            student_row, teacher_row = _row_pointers(
+                student_ptr, teacher_ptr, student_row_offsets_ptr, teacher_row_offsets_ptr, row,
+                STUDENT_ALIGN, TEACHER_ALIGN,
+            )
             values = row_values_ptr + row * ROW_VALUES
-            codes = row_codes_ptr + row * ROW_CODES
-            fkl = tl.load(values + 4)
+            max_t = tl.load(values + 0)
+            max_s = tl.load(values + 1)
+            log2_z_a = tl.load(values + 2)
+            log2_z_b = tl.load(values + 3)
             rkl = tl.load(values + 5)
-            path = tl.load(codes)
-            invalid = path < 0
-            if SPLIT and not invalid:
-                head_gap = tl.load(values + 8)
-                tail_gap = tl.load(values + 9)
-                head_size = tl.load(codes + 2)
-
-            if MODE == MODE_AKL:
-                # w = gap / (head_gap + tail_gap); 0.5 each when q == p on the support.
-                total_gap = head_gap + tail_gap
-                tied = total_gap == 0
-                total_gap = tl.where(tied, 1.0, total_gap)
-                head_weight = tl.where(tied, 0.5, head_gap / total_gap)
-                tail_weight = tl.where(tied, 0.5, tail_gap / total_gap)
-                loss = head_weight * fkl + tail_weight * rkl
-            elif MODE == MODE_FKL:
-                head_weight = zero + 1.0
-                tail_weight = zero
-                loss = fkl
-            else:
-                head_weight = zero
-                tail_weight = zero + 1.0
-                loss = rkl
-            if invalid:
-                # NaN loss and statistics, head size 0: an invalid row (NaN, +inf, empty support).
-                loss = zero + float("nan")
-                fkl = loss
-                rkl = loss
-                head_gap = loss
-                tail_gap = loss
-                head_weight = loss
-                tail_weight = loss
-                head_size = head_size * 0
-                path = path * 0
-
-            # ---- pass 3: d loss / d s_j = (1/T) [w_h (q - p) + w_t q (log q - log p - RKL)] ----
-            if COMPUTE_GRAD:
-                student_row, teacher_row = _row_pointers(
-                    student_ptr, teacher_ptr, student_row_offsets_ptr, teacher_row_offsets_ptr, row,
-                    STUDENT_ALIGN, TEACHER_ALIGN,
-                )
-                max_t = tl.load(values + 0)
-                max_s = tl.load(values + 1)
-                log2_z_a = tl.load(values + 2)
-                log2_z_b = tl.load(values + 3)
-                c = tl.load(params_ptr + 3)
-                scale = tl.load(params_ptr) / tl.load(params_ptr + 2)  # grad scale / T
-                head_factor = head_weight * scale
-                tail_factor = tail_weight * scale
-                grad_row = grad_ptr + row * V
-                for start in range(0, V, BLOCK):
-                    cols = start + tl.arange(0, BLOCK)
-                    t = _load(teacher_row, cols, V, COMPUTE_DTYPE)
-                    s = _load(student_row, cols, V, COMPUTE_DTYPE)
-                    log2_p = _log2_prob(t, max_t, c, log2_z_a)
-                    log2_q = _log2_prob(s, max_s, c, log2_z_b)
-                    q = tl.exp2(log2_q)
-                    if MODE == MODE_RKL:
-                        g = -tail_factor * q * (LN2 * (log2_p - log2_q) + rkl)
-                    else:
-                        g = head_factor * (q - tl.exp2(log2_p))
-                        if MODE == MODE_AKL:
-                            # q (log q - log p - RKL) = -q (d + RKL), d = log p - log q
-                            g -= tail_factor * q * (LN2 * (log2_p - log2_q) + rkl)
-                    # 0 outside the support (where the formula meets inf - inf); NaN for invalid rows.
-                    g = tl.where((t > float("-inf")) & (s > float("-inf")), g, 0.0)
-                    g = tl.where(invalid, float("nan"), g)
-                    tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
-        elif COMPUTE_GRAD:
-            # An ignored row: nothing is read; loss, statistics and gradient are exactly 0.
-            grad_row = grad_ptr + row * V
+            head_weight = tl.load(values + 11)  # NaN for an invalid row
+            tail_weight = tl.load(values + 12)
+            c = tl.load(params_ptr + 2)
+            inv_t = tl.load(params_ptr + 1)
+            row_scale = tl.load(row_scale_ptr + row * row_scale_stride)
+            head_factor = head_weight * row_scale
+            tail_factor = tail_weight * row_scale
+            invalid = head_weight != head_weight
+            # ---- d loss / d s_j = (1/T) [w_h (q - p) + w_t q (log q - log p - RKL)] ----
+            for start in range(0, V, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                t = _load(teacher_row, cols, V, COMPUTE_DTYPE)
+                s = _load(student_row, cols, V, COMPUTE_DTYPE)
+                log2_p = _log2_prob(t, max_t, c, log2_z_a)
+                log2_q = _log2_prob(s, max_s, c, log2_z_b)
+                q = tl.exp2(log2_q)
+                g = tl.zeros([BLOCK], COMPUTE_DTYPE)
+                if MODE != MODE_FKL:
+                    # q (log q - log p - RKL) = -q (d + RKL) with d = log p - log q. Its limits:
+                    # 0 where q (times the factor) is 0, whatever d; 0 for d + RKL = -inf + inf
+                    # (a ratio as infinite as the divergence it belongs to).
+                    d = LN2 * (log2_p - log2_q)
+                    d_plus_rkl = tl.where(d == -rkl, 0.0, d + rkl)
+                    weighted_q = tail_factor * q
+                    g = -tl.where(weighted_q == 0, 0.0, weighted_q * d_plus_rkl)
+                if MODE != MODE_RKL:
+                    g += head_factor * (q - tl.exp2(log2_p))
+                # 1/T last (no factor overflows before); 0 outside the support; NaN for invalid rows.
+                g = tl.where((t > float("-inf")) & (s > float("-inf")), g * inv_t, 0.0)
+                g = tl.where(invalid, float("nan"), g)
+                tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+        else:
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 tl.store(grad_row + cols, tl.zeros([BLOCK], grad_ptr.dtype.element_ty), mask=cols < V)
-
-        tl.store(loss_ptr + row, loss)
-        tl.store(stats_ptr + 0 * n_rows + row, fkl)
-        tl.store(stats_ptr + 1 * n_rows + row, rkl)
-        tl.store(stats_ptr + 2 * n_rows + row, head_gap)
-        tl.store(stats_ptr + 3 * n_rows + row, tail_gap)
-        tl.store(stats_ptr + 4 * n_rows + row, head_weight)
-        tl.store(stats_ptr + 5 * n_rows + row, tail_weight)
-        tl.store(head_size_ptr + row, head_size.to(tl.int64))
-        tl.store(split_path_ptr + row, path)
         row += programs
 
 
@@ -915,12 +954,47 @@ def _program_slots(device: torch.device) -> int:
     return 8  # the interpreter runs programs one after another; several still exercise the row loop
 
 
-def _params(grad_scale, config, dtype):
-    """The kernel's runtime scalars as one tensor of the compute dtype, exact in float64."""
-    values = torch.tensor(
-        [config.mu, config.temperature, math.log2(math.e) / config.temperature], dtype=dtype, device=grad_scale.device
+def _params(config, dtype, device):
+    """The kernels' runtime scalars (mu, 1 / T, log2(e) / T) as one tensor of the compute dtype,
+    each rounded once from float64."""
+    return torch.tensor(
+        [config.mu, 1.0 / config.temperature, math.log2(math.e) / config.temperature], dtype=dtype, device=device
     )
-    return torch.cat((grad_scale.to(dtype).reshape(1), values))
+
+
+class _Launch(NamedTuple):
+    """What every kernel of one call takes: the rows' tensors (student, teacher, their row
+    offsets, keep), the runtime scalars, the grid, the block and the compile-time switches."""
+
+    rows: tuple
+    params: torch.Tensor
+    programs: int
+    block: int
+    common: dict
+
+
+def _launch(student, teacher, keep, config) -> _Launch:
+    """The launch plan of a call on (N, V) rows (N >= 1), whose vocabulary dimension is contiguous."""
+    vocab = student.shape[-1]
+    n_rows = student.numel() // vocab
+    dtype = compute_dtype(student.dtype, teacher.dtype)
+    block = block_size(vocab)
+    return _Launch(
+        rows=(student, teacher, row_offsets(student), row_offsets(teacher), keep),
+        params=_params(config, dtype, student.device),
+        programs=min(n_rows, _program_slots(student.device)),
+        block=block,
+        common=dict(
+            HAS_KEEP=keep is not None, COMPUTE_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+            STUDENT_ALIGN=row_alignment(student), TEACHER_ALIGN=row_alignment(teacher),
+            num_warps=num_warps(block), maxnreg=MAX_REGISTERS,
+        ),
+    )
+
+
+def _vocabulary_contiguous(x):
+    """x itself when its vocabulary dimension is contiguous, else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def triton_row_losses(
@@ -932,16 +1006,13 @@ def triton_row_losses(
     compute_grad: bool,
     grad_out: torch.Tensor | None = None,
 ) -> RowLosses:
-    """Per-row losses through the fused kernel; arguments as torch_backend.torch_row_losses.
+    """Per-row losses through the fused kernels; arguments as torch_backend.torch_row_losses.
 
     Inputs whose vocabulary dimension is not contiguous are copied; any other strides are read
-    in place through per-row offsets. grad_out may alias the student: each program reads a
-    block of its row before it writes that block's gradient.
+    in place through per-row offsets. With compute_grad the gradient follows as
+    triton_row_gradient computes it, every row scaled by grad_scale.
     """
-    if student.stride(-1) != 1:
-        student = student.contiguous()
-    if teacher.stride(-1) != 1:
-        teacher = teacher.contiguous()
+    student, teacher = _vocabulary_contiguous(student), _vocabulary_contiguous(teacher)
     vocab = student.shape[-1]
     n_rows = student.numel() // vocab
     dtype = compute_dtype(student.dtype, teacher.dtype)
@@ -951,42 +1022,83 @@ def triton_row_losses(
     stats = torch.empty(len(STATS_FIELDS), n_rows, dtype=dtype, device=device)
     head_size = torch.empty(n_rows, dtype=torch.int64, device=device)
     split_path = torch.empty(n_rows, dtype=torch.int32, device=device)
+    row_values = torch.empty(n_rows, ROW_VALUES, dtype=dtype, device=device)
     grad = None
     if compute_grad:
         grad = torch.empty(student.shape, dtype=student.dtype, device=device) if grad_out is None else grad_out
     if n_rows == 0:
-        return RowLosses(loss, stats, head_size, grad, split_path)
+        return RowLosses(loss, stats, head_size, grad, split_path, row_values)
 
-    programs = min(n_rows, _program_slots(device))
-    block = block_size(vocab)
-    row_values = torch.empty(n_rows, ROW_VALUES, dtype=dtype, device=device)
+    plan = _launch(student, teacher, keep, config)
+    programs, block, common = plan.programs, plan.block, plan.common
     row_codes = torch.empty(n_rows, ROW_CODES, dtype=torch.int32, device=device)
     row_top = torch.empty(n_rows if config.split else 0, TOPK, dtype=dtype, device=device)
     # The bracket buffer: scratch for the rows of each program (never read before written).
     buffer = torch.empty(programs if config.split else 0, CAPACITY, 2, dtype=dtype, device=device)
-    rows = (student, teacher, row_offsets(student), row_offsets(teacher), keep)
-    params = _params(grad_scale, config, dtype)
-    common = dict(
-        HAS_KEEP=keep is not None, COMPUTE_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-        STUDENT_ALIGN=row_alignment(student), TEACHER_ALIGN=row_alignment(teacher),
-        num_warps=num_warps(block), maxnreg=MAX_REGISTERS,
-    )
     _row_statistics_kernel[(programs,)](
-        *rows, params, row_values, row_codes, row_top, n_rows, vocab, SPLIT=config.split, BLOCK=block, TOPK=TOPK,
-        **common,
+        *plan.rows, plan.params, row_values, row_codes, row_top, n_rows, vocab, SPLIT=config.split, BLOCK=block,
+        TOPK=TOPK, **common,
     )
     if config.split:
         _split_kernel[(programs,)](
-            *rows, params, row_values, row_codes, row_top, n_rows, vocab, SEARCH_BLOCK=search_block_size(block),
-            TOPK=TOPK, NUM_CANDIDATES=NUM_CANDIDATES, CAPACITY=CAPACITY, **common,
+            *plan.rows, plan.params, row_values, row_codes, row_top, n_rows, vocab,
+            SEARCH_BLOCK=search_block_size(block), TOPK=TOPK, NUM_CANDIDATES=NUM_CANDIDATES, CAPACITY=CAPACITY,
+            **common,
         )
         for bracket in (False, True):
             _gap_kernel[(programs,)](
-                *rows, params, row_values, row_codes, buffer, n_rows, vocab, BRACKET=bracket, BLOCK=block,
+                *plan.rows, plan.params, row_values, row_codes, buffer, n_rows, vocab, BRACKET=bracket, BLOCK=block,
                 SCAN_BLOCK=SCAN_BLOCK, CAPACITY=CAPACITY, **common,
             )
-    _gradient_kernel[(programs,)](
-        *rows, grad, params, row_values, row_codes, loss, stats, head_size, split_path, n_rows, vocab,
-        MODE=int(config.mode), SPLIT=config.split, COMPUTE_GRAD=compute_grad, BLOCK=block, **common,
+    _loss_kernel[(triton.cdiv(n_rows, LOSS_ROWS),)](
+        keep, row_values, row_codes, loss, stats, head_size, split_path, n_rows,
+        MODE=int(config.mode), SPLIT=config.split, HAS_KEEP=keep is not None, COMPUTE_DTYPE=common["COMPUTE_DTYPE"],
+        BLOCK=LOSS_ROWS,
     )
-    return RowLosses(loss, stats, head_size, grad, split_path)
+    if compute_grad:
+        _gradient(plan, grad, row_values, grad_scale.to(dtype).reshape(1), 0, config)
+    return RowLosses(loss, stats, head_size, grad, split_path, row_values)
+
+
+def triton_row_gradient(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    keep: torch.Tensor | None,
+    row_scale: torch.Tensor,
+    state: torch.Tensor,
+    config: RowLossConfig,
+    grad_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """d(sum_i row_scale_i * loss_i) / d student from the inputs and triton_row_losses' state
+    (its per-row record); arguments and result as torch_backend.torch_row_gradient.
+
+    One pass over each kept row (teacher and student read, gradient written), the factor
+    applied in the compute dtype before the one rounding to the student's dtype.
+    """
+    student, teacher = _vocabulary_contiguous(student), _vocabulary_contiguous(teacher)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if grad_out is None else grad_out
+    if student.numel() == 0:
+        return grad
+    row_scale = row_scale.to(state.dtype)
+    _gradient(_launch(student, teacher, keep, config), grad, state, row_scale, row_scale.stride(0), config)
+    return grad
+
+
+TRITON_BACKEND = RowBackend(
+    row_losses=triton_row_losses,
+    row_gradient=triton_row_gradient,
+    # The gradient pass reads teacher and student whether it runs in forward or in backward; in
+    # backward it also takes grad_output in, where forward's gradient would need another pass
+    # (read and write) to be scaled, and rounds a float16 gradient after the loss scale.
+    forward_gradient_dtypes=(),
+    split_path_name=split_path_name,
+)
+
+
+def _gradient(plan, grad, row_values, row_scale, row_scale_stride, config):
+    """Launch the gradient kernel: grad (N, V) from the rows of `plan` and their record."""
+    vocab = grad.shape[-1]
+    _gradient_kernel[(plan.programs,)](
+        *plan.rows, grad, plan.params, row_values, row_scale, row_scale_stride, grad.numel() // vocab, vocab,
+        MODE=int(config.mode), BLOCK=plan.block, **plan.common,
+    )

@@ -119,16 +119,14 @@ def cuda_peak_extra_bytes(fn: LossFn, inputs: tuple, differentiated: int, device
 def split_path_shares(student, teacher, temperature: float, device) -> dict[str, float]:
     """Share of rows whose head/tail split takes each path of akl_loss's backend on `device`
     (the backend's split_path codes, by name)."""
-    import sys
-
     from akl_kernels._rows import LossMode, RowLossConfig
     from akl_kernels.loss import select_backend
 
-    row_losses = select_backend("auto", device)
+    row_backend = select_backend("auto", device)
     config = RowLossConfig(mode=LossMode.AKL, mu=0.5, temperature=temperature, split=True)
     with torch.no_grad():
-        codes = row_losses(student, teacher, None, torch.ones((), device=device), config, False).split_path
-    names = sys.modules[row_losses.__module__].split_path_name
+        codes = row_backend.row_losses(student, teacher, None, torch.ones((), device=device), config, False).split_path
+    names = row_backend.split_path_name
     counts = torch.bincount(codes.reshape(-1).long().cpu())
     total = int(counts.sum())
     return {names(code): int(n) / total for code, n in enumerate(counts.tolist()) if n}

@@ -65,7 +65,8 @@ def reference_row_losses(
     # including it exceeds mu; the first token is always in the head.
     order, running_mass = _order_and_running_mass(a, support, p)
     if head_size is None:
-        head_in_order = running_mass <= mu
+        # mu = 1 is the whole support, whatever the rounding of the running mass above 1.
+        head_in_order = running_mass <= mu if mu < 1 else torch.ones_like(running_mass, dtype=torch.bool)
         head_in_order[:, 0] = True
     else:
         head_in_order = torch.arange(a.shape[-1], device=a.device) < head_size[:, None]
@@ -92,6 +93,7 @@ def reference_row_losses(
     loss = head_weight * fkl + tail_weight * rkl
     loss = torch.where(invalid, float("nan"), loss)
 
+    # Invalid rows: NaN statistics and head size 0.
     stats = {
         "fkl": fkl.detach(),
         "rkl": rkl.detach(),
@@ -99,8 +101,9 @@ def reference_row_losses(
         "tail_gap": tail_gap,
         "head_weight": head_weight,
         "tail_weight": tail_weight,
-        "head_size": head.sum(-1),
     }
+    stats = {name: torch.where(invalid, float("nan"), value) for name, value in stats.items()}
+    stats["head_size"] = torch.where(invalid, 0, head.sum(-1))
     return loss, stats
 
 
@@ -142,8 +145,9 @@ def reference_loss(
 ):
     """SPEC section 2 with reductions, for logits of shape (..., V).
 
-    Ignored rows (labels == ignore_index) are never computed, so whatever they hold (NaN
-    included) contributes exactly 0 to the loss and gets a zero gradient.
+    Ignored rows (labels == ignore_index, compared as Python integers, so that no label dtype
+    wraps ignore_index around) are never computed, so whatever they hold (NaN included)
+    contributes exactly 0 to the loss and gets a zero gradient.
 
     Returns:
         (loss, stats): loss reduced as `reduction` says ("none" gives the leading shape);
@@ -156,7 +160,8 @@ def reference_loss(
     if labels is None:
         kept = torch.arange(student_rows.shape[0], device=student_rows.device)
     else:
-        kept = (labels.reshape(-1) != ignore_index).nonzero().squeeze(1)
+        kept_list = [i for i, label in enumerate(labels.reshape(-1).tolist()) if label != ignore_index]
+        kept = torch.tensor(kept_list, dtype=torch.int64, device=student_rows.device)
 
     kept_loss, kept_stats = reference_row_losses(
         student_rows[kept], teacher_rows[kept], mu=mu, temperature=temperature, mode=mode

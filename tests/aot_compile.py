@@ -29,11 +29,13 @@ from triton.compiler import ASTSource
 from akl_kernels._rows import TOPK, LossMode
 from akl_kernels.triton_backend import (
     CAPACITY,
+    LOSS_ROWS,
     MAX_REGISTERS,
     NUM_CANDIDATES,
     SCAN_BLOCK,
     _gap_kernel,
     _gradient_kernel,
+    _loss_kernel,
     _row_statistics_kernel,
     _split_kernel,
     block_size,
@@ -55,7 +57,7 @@ HOPPER_VARIANTS = [
     ("fp32", "fp32", LossMode.FKL, False, True, False),  # no labels, FKL
     ("fp32", "fp32", LossMode.FKL, True, True, True),  # fkl_loss with return_stats
     ("fp32", "bf16", LossMode.AKL, True, True, True),  # bf16 teacher beside an fp32 student
-    ("bf16", "bf16", LossMode.AKL, True, False, True),  # evaluation: no gradient
+    ("bf16", "bf16", LossMode.AKL, True, False, True),  # evaluation, or forward of akl_loss: no gradient
     ("fp64", "fp64", LossMode.AKL, True, True, True),
 ]
 AMPERE_VARIANTS = [
@@ -69,7 +71,8 @@ VARIANTS = [(90, v) for v in HOPPER_VARIANTS] + [(80, v) for v in AMPERE_VARIANT
 
 
 def compile_kernels(student, teacher, mode, split, compute_grad, has_keep, capability):
-    """{kernel name: compiled kernel} for the kernels of one variant (split and gap kernels only when split)."""
+    """{kernel name: compiled kernel} for the kernels of one variant (split and gap kernels only
+    when split, the gradient kernel only with compute_grad)."""
     compute = "fp64" if "fp64" in (student, teacher) else "fp32"
     block = block_size(LARGE_VOCAB)
     rows = {
@@ -86,10 +89,12 @@ def compile_kernels(student, teacher, mode, split, compute_grad, has_keep, capab
         "TEACHER_ALIGN": ELEMENTS_PER_16_BYTES[teacher],
     }
     record = {"params_ptr": f"*{compute}", "row_values_ptr": f"*{compute}", "row_codes_ptr": "*i32"}
+    streaming = num_warps(block)
     kernels = [(
         _row_statistics_kernel,
         {**rows, **record, "row_top_ptr": f"*{compute}", "n_rows": "i32", "V": "i32"},
         {**common, "SPLIT": split, "BLOCK": block, "TOPK": TOPK},
+        streaming,
     )]
     if split:
         kernels.append((
@@ -97,21 +102,33 @@ def compile_kernels(student, teacher, mode, split, compute_grad, has_keep, capab
             {**rows, **record, "row_top_ptr": f"*{compute}", "n_rows": "i32", "V": "i32"},
             {**common, "SEARCH_BLOCK": search_block_size(block), "TOPK": TOPK, "NUM_CANDIDATES": NUM_CANDIDATES,
              "CAPACITY": CAPACITY},
+            streaming,
         ))
         for bracket in (False, True):
             kernels.append((
                 _gap_kernel,
                 {**rows, **record, "buffer_ptr": f"*{compute}", "n_rows": "i32", "V": "i32"},
                 {**common, "BRACKET": bracket, "BLOCK": block, "SCAN_BLOCK": SCAN_BLOCK, "CAPACITY": CAPACITY},
+                streaming,
             ))
     kernels.append((
-        _gradient_kernel,
-        {**rows, "grad_ptr": f"*{student}", **record, "loss_ptr": f"*{compute}", "stats_ptr": f"*{compute}",
-         "head_size_ptr": "*i64", "split_path_ptr": "*i32", "n_rows": "i32", "V": "i32"},
-        {**common, "MODE": int(mode), "SPLIT": split, "COMPUTE_GRAD": compute_grad, "BLOCK": block},
+        _loss_kernel,
+        {"keep_ptr": "*i1", "row_values_ptr": f"*{compute}", "row_codes_ptr": "*i32", "loss_ptr": f"*{compute}",
+         "stats_ptr": f"*{compute}", "head_size_ptr": "*i64", "split_path_ptr": "*i32", "n_rows": "i32"},
+        {"MODE": int(mode), "SPLIT": split, "HAS_KEEP": has_keep, "COMPUTE_DTYPE": common["COMPUTE_DTYPE"],
+         "BLOCK": LOSS_ROWS},
+        4,  # triton's default
     ))
+    if compute_grad:
+        kernels.append((
+            _gradient_kernel,
+            {**rows, "grad_ptr": f"*{student}", "params_ptr": f"*{compute}", "row_values_ptr": f"*{compute}",
+             "row_scale_ptr": f"*{compute}", "row_scale_stride": "i32", "n_rows": "i32", "V": "i32"},
+            {**common, "MODE": int(mode), "BLOCK": block},
+            streaming,
+        ))
     compiled = {}
-    for kernel, signature, constants in kernels:
+    for kernel, signature, constants, warps in kernels:
         names = list(signature)
         # What a launch on 16-byte aligned tensors with V % 16 == 0 specialises: pointers and V.
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name.endswith("_ptr") or name == "V"}
@@ -119,7 +136,7 @@ def compile_kernels(student, teacher, mode, split, compute_grad, has_keep, capab
         source = ASTSource(kernel, signature, constants, attrs)
         name = kernel.__name__ + ("_bracket" if constants.get("BRACKET") else "")
         compiled[name] = triton.compile(
-            source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps(block), "maxnreg": MAX_REGISTERS}
+            source, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps, "maxnreg": MAX_REGISTERS}
         )
     return compiled
 

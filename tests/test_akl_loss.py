@@ -250,15 +250,18 @@ def test_scaled_loss_backward(backend):
     akl_loss(s1, teacher, backend=backend).backward()
     s3 = student.clone().requires_grad_(True)
     (3.0 * akl_loss(s3, teacher, backend=backend)).backward()
-    torch.testing.assert_close(s3.grad, 3.0 * s1.grad, rtol=1e-6, atol=0)
+    torch.testing.assert_close(s3.grad, 3.0 * s1.grad, rtol=1e-6, atol=1e-9)
 
 
 def test_second_backward_through_retained_graph(backend):
+    # The second backward recomputes the gradient from the saved inputs (the first may take the
+    # forward's): the same values, up to float32 rounding of the recomputation.
     student, teacher = logits(3, 200, scale=2.0).requires_grad_(True), logits(3, 200, scale=2.0)
     loss = akl_loss(student, teacher, reduction="none", backend=backend)
     (first,) = torch.autograd.grad(loss, student, torch.full_like(loss, 2.0), retain_graph=True)
     (second,) = torch.autograd.grad(loss, student, torch.full_like(loss, 2.0))
-    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-8)
+    assert first.abs().amax() > 1e-3
 
 
 def test_no_gradient_in_evaluation(backend, monkeypatch):
@@ -274,14 +277,14 @@ def test_no_gradient_in_evaluation(backend, monkeypatch):
     original = loss_module.select_backend
 
     def spy(*args):
-        row_losses = original(*args)
+        row_backend = original(*args)
 
         def wrapped(*inner):
-            result = row_losses(*inner)
+            result = row_backend.row_losses(*inner)
             seen.append(result.grad)
             return result
 
-        return wrapped
+        return row_backend._replace(row_losses=wrapped)
 
     monkeypatch.setattr(loss_module, "select_backend", spy)
     with torch.no_grad():
