@@ -9,8 +9,9 @@
     loss = fused_linear_akl_loss(student_hidden, student_lm_head.weight, teacher_hidden, teacher_lm_head.weight)
 """
 
+from ._dispatch import AKLStats
 from .fused_linear import FusedLinearAKLLoss, fused_linear_akl_loss, fused_linear_fkl_loss, fused_linear_rkl_loss
-from .loss import AKLLoss, AKLStats, akl_loss, fkl_loss, rkl_loss
+from .loss import AKLLoss, akl_loss, fkl_loss, rkl_loss
 
 __all__ = [
     "AKLLoss",

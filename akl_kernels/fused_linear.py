@@ -28,14 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._rows import STATS_FIELDS, LossMode, RowBackend, RowLossConfig, compute_dtype
-from .loss import (
+from ._dispatch import (
     STATS_MU,
-    check_floating,
-    check_has_data,
-    check_labels,
-    check_options,
-    check_temperature_range,
     keep_mask,
     reduction_grad_scale,
     refuse_double_backward,
@@ -43,6 +37,8 @@ from .loss import (
     select_backend,
     shape_result,
 )
+from ._rows import STATS_FIELDS, LossMode, RowBackend, RowLossConfig, compute_dtype
+from ._validation import check_floating, check_has_data, check_labels, check_options, check_temperature_range
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 

@@ -1,45 +1,25 @@
-"""Public loss functions: validation, backend dispatch, reductions and the autograd Function.
+"""The losses on logits: akl_loss, fkl_loss, rkl_loss, AKLLoss, and their autograd Function.
 
-Every backend computes per-row losses and the gradient in the forward pass (see ``_rows.py``);
-this module is the one place that checks inputs, chooses the backend and reduces over rows.
+Arguments are checked by ``_validation.py``; ``_dispatch.py`` picks the backend (``_rows.py``
+says what a backend computes) and shapes the results; this module reduces over rows and ties
+the backend's gradient to autograd.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-import os
-from typing import NamedTuple
-
 import torch
 
-from ._rows import LossMode, RowBackend, RowLossConfig, compute_dtype
-from .torch_backend import TORCH_BACKEND
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "torch")
-
-# fkl_loss and rkl_loss have no mu; their head/tail statistics use the paper's value.
-STATS_MU = 0.5
-
-
-class AKLStats(NamedTuple):
-    """Detached per-row diagnostics, each of the logits' leading shape (0 at ignored rows).
-
-    fkl, rkl: KL(p||q) and KL(q||p). head_gap, tail_gap: sum of |p - q| over the teacher's head
-    and tail at mu. head_weight, tail_weight: the weights applied to FKL and RKL. head_size:
-    number of head tokens (int64). For fkl_loss / rkl_loss the split uses mu = 0.5.
-    """
-
-    fkl: torch.Tensor
-    rkl: torch.Tensor
-    head_gap: torch.Tensor
-    tail_gap: torch.Tensor
-    head_weight: torch.Tensor
-    tail_weight: torch.Tensor
-    head_size: torch.Tensor
+from ._dispatch import (
+    STATS_MU,
+    keep_mask,
+    reduction_grad_scale,
+    refuse_double_backward,
+    row_config,
+    select_backend,
+    shape_result,
+)
+from ._rows import LossMode, compute_dtype
+from ._validation import check_floating, check_has_data, check_labels, check_options, check_temperature_range
 
 
 def akl_loss(
@@ -59,7 +39,7 @@ def akl_loss(
     Per row: p = softmax(teacher / T), q = softmax(student / T); the teacher's vocabulary is split
     into a head (the longest prefix, in descending-probability order, whose mass stays <= mu) and
     a tail; loss = w_head * KL(p||q) + w_tail * KL(q||p) with weights proportional to the
-    student's gap sum|p - q| in each part. See SPEC.md section 2 for the exact rules.
+    student's gap sum|p - q| in each part. See docs/semantics.md section 2 for the exact rules.
 
     Args:
         student_logits: (..., V) float16/bfloat16/float32/float64; receives the gradient.
@@ -186,38 +166,6 @@ def _distillation_loss(
     return shape_result(loss, stats, head_size, leading_shape, reduction, return_stats)
 
 
-def row_config(mode, mu, temperature, return_stats) -> RowLossConfig:
-    """The backends' configuration of one call (the head/tail split for AKL or for statistics)."""
-    return RowLossConfig(
-        mode=LossMode(mode),
-        mu=float(mu),
-        temperature=float(temperature),
-        split=mode == LossMode.AKL or bool(return_stats),
-        stats=bool(return_stats),
-    )
-
-
-def reduction_grad_scale(reduction, kept_rows, dtype, device) -> torch.Tensor:
-    """0-dim factor folded into the gradient: 1 / kept rows (at least 1) for "mean", else 1.
-
-    kept_rows: an int or a 0-dim tensor (left on the device, so no host sync).
-    """
-    if reduction != "mean":
-        return torch.ones((), dtype=dtype, device=device)
-    return 1.0 / torch.as_tensor(kept_rows, device=device).to(dtype).clamp(min=1)
-
-
-def shape_result(loss, stats, head_size, leading_shape, reduction, return_stats):
-    """What the public losses return: the loss (per row in the leading shape for "none"), and
-    with return_stats an AKLStats of per-row tensors of the leading shape."""
-    if reduction == "none":
-        loss = loss.reshape(leading_shape)
-    if not return_stats:
-        return loss
-    per_row = [value.reshape(leading_shape) for value in stats]
-    return loss, AKLStats(*per_row, head_size.reshape(leading_shape))
-
-
 class _DistillationLoss(torch.autograd.Function):
     """Reduced loss of the backend's per-row losses, with the backend's analytic gradient.
 
@@ -267,17 +215,6 @@ class _DistillationLoss(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
-def refuse_double_backward():
-    """RuntimeError when a backward pass runs with create_graph=True (grad mode on inside it):
-    the gradient comes from a kernel, so it has no graph of its own to differentiate."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "akl_kernels losses do not support double backward (create_graph=True): their "
-            "gradient is computed by a kernel, not by differentiable operations, so a "
-            "gradient penalty or Hessian through them would silently be wrong"
-        )
-
-
 def _scale_rows_(grad, row_scale, keep):
     """grad[i, :] *= row_scale[i] in place, for (N, V) grad and (N,) row_scale.
 
@@ -293,35 +230,6 @@ def _scale_rows_(grad, row_scale, keep):
     rows_per_chunk = max(1, (1 << 20) // max(grad.shape[1], 1))
     for rows, scale in zip(grad.split(rows_per_chunk), row_scale.split(rows_per_chunk)):
         rows.copy_(rows.float().mul_(scale.float()))
-
-
-def select_backend(backend, device) -> RowBackend:
-    """The RowBackend for `backend` on `device` (README "Use": backend)."""
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "torch":
-        return TORCH_BACKEND
-    if not _triton_available():
-        raise ImportError("backend='triton' needs the triton package (pip install triton)")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "backend='triton' got CPU tensors: move them to a CUDA device, or set "
-            "TRITON_INTERPRET=1 before triton is imported to run the kernels in Triton's "
-            "interpreter (slow; for tests), or use backend='torch'"
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"backend='triton' runs on CUDA tensors, got a tensor on {device}")
-    from .triton_backend import TRITON_BACKEND
-
-    return TRITON_BACKEND
-
-
-def _triton_available():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _check_tensors(student, teacher, labels):
@@ -347,100 +255,3 @@ def _check_tensors(student, teacher, labels):
         )
     check_labels(labels, student.shape[:-1], student.device, "logits")
     check_has_data(student.device, "logits")
-
-
-def check_floating(name, x, what):
-    """TypeError unless x is a dense (strided) tensor of one of the supported floating dtypes."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.layout != torch.strided:
-        raise TypeError(
-            f"{name} must be a dense tensor, got layout {x.layout}: sparse {what} are not "
-            "supported (x.to_dense() makes a dense copy)"
-        )
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must hold float16, bfloat16, float32 or float64 {what}, got {x.dtype}")
-
-
-def check_has_data(device, inputs):
-    """ValueError for meta tensors (shapes without values): the losses read every value."""
-    if device.type == "meta":
-        raise ValueError(
-            f"the {inputs} are meta tensors (device 'meta'), which hold no values to compute a "
-            "loss from: materialise them on a real device first"
-        )
-
-
-def check_labels(labels, leading_shape, device, inputs):
-    """Errors unless labels is None or an integer tensor of `leading_shape` on `device`.
-
-    `inputs` names the tensors whose leading shape that is ("logits", "hidden states").
-    """
-    if labels is None:
-        return
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.shape != leading_shape:
-        raise ValueError(
-            f"labels must have the {inputs}' leading shape {tuple(leading_shape)}, got {tuple(labels.shape)}"
-        )
-    if labels.device != device:
-        raise ValueError(f"labels are on {labels.device} but the {inputs} are on {device}")
-
-
-def keep_mask(labels, ignore_index):
-    """(N,) bool, labels != ignore_index compared as integers, or None without labels.
-
-    A label dtype that cannot hold ignore_index (uint8 labels and -100, int32 labels and
-    2**32) never matches it: every row is kept, where a comparison in the labels' own dtype
-    would wrap ignore_index around to one of their values.
-    """
-    if labels is None:
-        return None
-    info = torch.iinfo(labels.dtype)
-    if not info.min <= ignore_index <= info.max:
-        return torch.ones(labels.numel(), dtype=torch.bool, device=labels.device)
-    return (labels != ignore_index).reshape(-1)
-
-
-def check_options(mu, temperature, ignore_index, reduction, return_stats, backend):
-    """Errors for keyword arguments outside their domains (README "Use": keyword arguments)."""
-    _check_number("mu", mu, "in (0, 1]", lambda x: 0.0 < x <= 1.0)
-    _check_number("temperature", temperature, "> 0 and finite", lambda x: math.isfinite(x) and x > 0)
-    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not INT64_MIN <= ignore_index <= INT64_MAX:
-        raise ValueError(f"ignore_index must fit in int64 (labels are integers), got {ignore_index}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(return_stats, bool):
-        raise TypeError(f"return_stats must be True or False, got {return_stats!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def check_temperature_range(temperature, dtype):
-    """ValueError when 2 / T overflows the compute dtype (T below about 5.9e-39 in float32): the
-    kernels scale logits by log2(e) / T."""
-    if float(temperature) * torch.finfo(dtype).max < 2.0:
-        raise ValueError(
-            f"temperature {temperature!r} is too small for {dtype} arithmetic: 2 / T must be "
-            f"finite (T >= {2.0 / torch.finfo(dtype).max:.3g})"
-        )
-
-
-def _check_number(name, value, domain, holds):
-    """TypeError for a tensor (a Python number is needed: no host sync, no gradient to it),
-    ValueError for anything else that is not a real number in the domain."""
-    if isinstance(value, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a Python number {domain}, got a tensor ({value!r}); pass float({name})"
-        )
-    if not _is_real(value) or not holds(float(value)):
-        raise ValueError(f"{name} must be a Python number {domain}, got {value!r}")
-
-
-def _is_real(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)

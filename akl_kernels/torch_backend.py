@@ -2,7 +2,7 @@
 
 This is the default on machines without a GPU. Rows are processed a chunk at a time so that the
 working memory stays at a few chunk-sized buffers besides the gradient itself, and the gradient
-is computed from SPEC section 2 step 7 directly (no autograd graph over vocabulary-sized
+is computed from docs/semantics.md section 2 (step 7) directly (no autograd graph over vocabulary-sized
 intermediates). The head/tail split puts each row's tokens in buckets of logits (one scatter of
 the teacher's mass, one of the gaps, and one of counts when statistics are asked for) and
 orders exactly only the bucket that crosses mu; no row is sorted.
@@ -54,6 +54,9 @@ CHUNK_ELEMENTS = 1 << 20
 # ops outweighs their work (measured at V = 32000: 2 rows per chunk take 1.5x as long as 8).
 MIN_CHUNK_ROWS = 8
 
+
+# (w_head, w_tail) of the losses whose weights do not adapt.
+FIXED_WEIGHTS = {LossMode.FKL: (1.0, 0.0), LossMode.RKL: (0.0, 1.0)}
 
 # State kept per row for torch_row_gradient (RowLosses.state, (N, len(STATE_FIELDS))): the
 # logits' maxima over the support, the sums of exp((x - max) / T), RKL, the two weights, and 1
@@ -295,7 +298,7 @@ class _ChunkResult(NamedTuple):
 
 
 def _chunk_losses(a, b, chunk, config, grad_scale) -> _ChunkResult:
-    """SPEC section 2 for a chunk of R rows of teacher logits a and student logits b, both (R, V).
+    """docs/semantics.md section 2 for a chunk of R rows of teacher logits a and student logits b, both (R, V).
 
     a and b are not written to; `chunk` holds the workspace buffers cut to R rows. grad_scale
     (0-dim, at most 1) is the gradient's factor, or None when no gradient is wanted.
@@ -356,9 +359,10 @@ def _chunk_losses(a, b, chunk, config, grad_scale) -> _ChunkResult:
         total_gap = torch.where(tied, 1.0, total_gap)
         head_weight = torch.where(tied, 0.5, head_gap / total_gap)
         tail_weight = torch.where(tied, 0.5, tail_gap / total_gap)
+    elif config.mode in FIXED_WEIGHTS:
+        head_weight, tail_weight = (torch.full_like(fkl, w) for w in FIXED_WEIGHTS[config.mode])
     else:
-        head_weight = torch.full_like(fkl, 1.0 if config.mode == LossMode.FKL else 0.0)
-        tail_weight = 1.0 - head_weight
+        raise NotImplementedError(f"the torch backend does not compute loss mode {config.mode!r}")
 
     # Step 6: the loss; a divergence with weight 0 adds nothing, even when it is +inf.
     if extreme:
@@ -429,7 +433,7 @@ def _weighted(weight, divergence):
 
 
 def _student_gradient(d, q, q_minus_p, rkl, weights, inv_t, careful):
-    """SPEC section 2 step 7, times each row's factor, written into d's buffer and returned.
+    """docs/semantics.md section 2 (step 7), times each row's factor, written into d's buffer and returned.
 
     d = log p - log q (R, V), 0 outside the support; q and q - p (R, V); rkl (R,); weights
     (R, 2): w_head and w_tail times the row's factor; inv_t = 1 / T. With f_h, f_t those
@@ -477,7 +481,7 @@ class _Split(NamedTuple):
 
 
 def _find_split(a, max_a, min_a, log_z_a, p, invalid, config, chunk) -> _Split:
-    """SPEC section 2 step 3 for a chunk: which tokens are head, from the teacher's logits and mass.
+    """docs/semantics.md section 2 (step 3) for a chunk: which tokens are head, from the teacher's logits and mass.
 
     a, p: (R, V) teacher logits and probabilities (-inf and 0 outside the support);
     max_a, min_a, log_z_a: (R, 1) the rows' largest and smallest logit and log normaliser (of
@@ -584,7 +588,7 @@ def _teacher_order(rows, values):
 
 
 def _head_gaps(split, gap, count_head):
-    """SPEC section 2 step 4: (head gap, tail gap, head size), each (R,), from the split and
+    """docs/semantics.md section 2 (step 4): (head gap, tail gap, head size), each (R,), from the split and
     gap = |p - q| (R, V). The head size is counted only when count_head (it is a statistic
     only) or when it comes for free; otherwise it is 0."""
     n_rows, vocab = gap.shape

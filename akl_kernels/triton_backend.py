@@ -754,6 +754,12 @@ def _gap_kernel(
 
 
 @triton.jit
+def _check_mode(MODE: tl.constexpr):
+    """A compile-time error for a loss mode that the kernels' branches do not compute."""
+    tl.static_assert((MODE == MODE_AKL) | (MODE == MODE_FKL) | (MODE == MODE_RKL), "unknown loss mode")
+
+
+@triton.jit
 def _weighted(weight, divergence):
     """weight * divergence, and 0 where the weight is 0 (even for an infinite divergence)."""
     return tl.where(weight == 0, 0.0, weight * divergence)
@@ -776,6 +782,7 @@ def _loss_kernel(
     BLOCK: tl.constexpr,  # rows per program
 ):
     """The weights, the loss and the statistics of BLOCK rows per program (nothing row-long)."""
+    _check_mode(MODE)
     row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = row < n_rows
     keep = in_range
@@ -807,7 +814,6 @@ def _loss_kernel(
         head_weight = zero + 1.0
         tail_weight = zero
     else:
-        tl.static_assert(MODE == MODE_RKL, "unknown loss mode")
         head_weight = zero
         tail_weight = zero + 1.0
     # A divergence with weight 0 adds nothing, even when it is +inf.
@@ -860,6 +866,7 @@ def _gradient_kernel(
 ):
     """Pass 3 of each row: the gradient with respect to the student logits, times the row's factor,
     rounded once to the student's dtype. Ignored rows get 0 without being read."""
+    _check_mode(MODE)
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     row = program.to(tl.int64)

@@ -38,8 +38,8 @@ class Contender:
     name: str
     computes: str  # "akl", "fkl" or "rkl": which of our losses its value must equal
     build: Callable[[torch.device], LossFn]  # raises Unavailable; call loss_fn() instead
-    # "ours" (failures fail the benchmark), "reference" (the eager oracle SPEC's CPU target is
-    # measured against), "peer" (what SPEC's GPU target must beat) or "baseline" (the
+    # "ours" (failures fail the benchmark), "reference" (the eager oracle the CPU target is
+    # measured against), "peer" (what the GPU target must beat) or "baseline" (the
     # materialised logits a fused-linear loss is compared with); all but ours skip on failure
     role: str = "peer"
     stateless: bool = False  # nothing compiled, cached or tuned on a first call

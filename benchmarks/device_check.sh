@@ -7,7 +7,7 @@
 #      (train_example.py's end-to-end runs, the head/tail experiment and the AOT compilation
 #      stay with CI: they need no GPU);
 #   2. akl_loss on 16800 x 128256 > 2^31 bf16 logits against the reference on sampled rows;
-#   3. the GPU benchmarks (benchmarks/workloads.py gives the order: the SPEC target shapes
+#   3. the GPU benchmarks (benchmarks/workloads.py gives the order: the target shapes
 #      16384 x 128256 bf16 and fp32, the split-price workloads (T = 2, real rows), the
 #      fused-linear case, then the rest of the matrix, the compiled reference last), each
 #      record written to $OUT/cuda.json as it finishes, rendered to $OUT/cuda.md (and .png).
@@ -82,7 +82,7 @@ printf '%-34s %-8s %6s  %s\n' "> 2^31 elements, bf16" "$large_rc" "$large_s" "$(
 printf '%-34s %-8s %6s  %s\n' "benchmarks" "$bench_rc" "$bench_s" "$(grep -E '(passed|failed|error)' "$OUT/benchmarks.log" | tail -1)"
 if [ -f "$OUT/cuda.md" ]; then
     echo
-    grep -E '^(SPEC|- (bfloat16|float32))' "$OUT/cuda.md"
+    grep -E '^(docs/semantics.md section|- (bfloat16|float32))' "$OUT/cuda.md"
     grep -E '^\| (bfloat16|float32) .* \| \*\*' "$OUT/cuda.md"  # the split prices
 fi
 [ "$tests_rc" = 0 ] && [ "$large_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -17,7 +17,7 @@ import torch
 
 from akl_kernels import akl_loss
 from benchmarks.workloads import Shape, make_inputs
-from tests.compare import assert_rows_match_reference
+from reference.compare import assert_rows_match_reference
 
 
 def main():

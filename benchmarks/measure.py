@@ -1,7 +1,7 @@
 """How the benchmarks measure: time per phase, peak extra memory, copy bandwidth.
 
 Memory is the peak that one forward + backward adds on top of its inputs, gradients included,
-reported against the gradients' size (SPEC section 5). On a GPU it is read from the caching
+reported against the gradients' size (docs/semantics.md section 5). On a GPU it is read from the caching
 allocator (`max_memory_allocated` after a reset). On a CPU there is no allocator statistic, so a
 fresh subprocess (`python -m benchmarks.measure SHAPES CONTENDER...`) runs each contender once and
 reads the peak resident size: glibc serves allocations below 32 MiB from its heap, where freed
@@ -120,7 +120,7 @@ def split_path_shares(student, teacher, temperature: float, device) -> dict[str,
     """Share of rows whose head/tail split takes each path of akl_loss's backend on `device`
     (the backend's split_path codes, by name)."""
     from akl_kernels._rows import LossMode, RowLossConfig
-    from akl_kernels.loss import select_backend
+    from akl_kernels._dispatch import select_backend
 
     row_backend = select_backend("auto", device)
     config = RowLossConfig(mode=LossMode.AKL, mu=0.5, temperature=temperature, split=True)

@@ -11,20 +11,20 @@ from typing import ClassVar
 import torch
 
 # Issue 3's matrix. CPU, float32 (N, V) pairs: small enough that the whole suite, the
-# fused-linear case included, runs within 5 minutes on 2 cores; it contains SPEC section 5's CPU
+# fused-linear case included, runs within 5 minutes on 2 cores; it contains docs/semantics.md section 5's CPU
 # target (N=1024, V=32000). (1024, 50257) was dropped for issue 6's case: its eager reference
 # alone took 45 s. GPU: realistic training shapes, bf16 and fp32, up to N*V = 2^31 elements.
 CPU_SHAPES = ((256, 32000), (256, 50257), (1024, 32000))
 GPU_ROWS, GPU_VOCABS, GPU_DTYPES = (4096, 16384), (32000, 50257, 128256), (torch.bfloat16, torch.float32)
 # Issue 11's split-price workloads: the LM-like logits at T = 2 (heads of thousands of tokens)
 # and the real SmolLM2 rows (V = 49152) tiled to the matrix's row count, at T = 1 and T = 2; on a
-# CPU with our losses only (akl_loss over fkl_loss is SPEC section 5's split price), on a GPU
+# CPU with our losses only (akl_loss over fkl_loss is docs/semantics.md section 5's split price), on a GPU
 # with the peers too.
 REAL_VOCAB = 49152
 CPU_SPLIT_SHAPES = (("lm", 1024, 32000, 2.0), ("real", 1024, REAL_VOCAB, 1.0), ("real", 1024, REAL_VOCAB, 2.0))
 GPU_SPLIT_SHAPES = (("lm", 16384, 128256, 2.0), ("real", 16384, REAL_VOCAB, 1.0), ("real", 16384, REAL_VOCAB, 2.0))
 SPLIT_PRICE_TARGET = 1.5  # akl_loss forward+backward at most this times fkl_loss's
-SPEC_CPU_TARGET = {"rows": 1024, "vocab": 32000, "dtype": "float32", "speedup": 8.0, "memory_ratio": 1.25}
+CPU_TARGET = {"rows": 1024, "vocab": 32000, "dtype": "float32", "speedup": 8.0, "memory_ratio": 1.25}
 # Issue 6's fused-linear shapes (N tokens, hidden size H, vocabulary V) and its CPU memory target:
 # fused_linear_akl_loss needs at least 5x less peak memory than materialised logits.
 CPU_LINEAR = ((2048, 512, 32000, "float32"),)
@@ -93,7 +93,7 @@ def linear_shapes_for(device: torch.device) -> list[LinearShape]:
 def shapes_for(device: torch.device) -> list[Shape | LinearShape]:
     """Every workload of a device type, logits and hidden states, in the order they run.
 
-    On a GPU the SPEC target shapes (N x V >= 2^30) come first, then the split-price workloads,
+    On a GPU the target shapes (N x V >= 2^30) come first, then the split-price workloads,
     the fused-linear case and the rest of the matrix largest first, so that a time budget cuts
     the least useful. On a CPU the fused-linear case first, then the matrix.
     """

@@ -1,6 +1,6 @@
-"""Readable, sort-based PyTorch transcription of SPEC section 2: the oracle for tests and benchmarks.
+"""Readable, sort-based PyTorch transcription of docs/semantics.md section 2: the oracle for tests and benchmarks.
 
-Everything here follows the SPEC line by line and favours clarity over speed: a full stable sort
+Everything here follows docs/semantics.md line by line and favours clarity over speed: a full stable sort
 per row finds the head, and autograd (not a hand-written formula) gives the gradient, so that the
 library's analytic gradient is checked against an independent derivation.
 
@@ -29,7 +29,7 @@ def reference_row_losses(
         mode: "akl" (gap-weighted), "fkl" (weights fixed to (1, 0)) or "rkl" ((0, 1)).
         head_size: optional (N,) integer tensor that replaces the mu rule by "the first
             head_size tokens of the order are the head"; tests use it to evaluate the other
-            decision that SPEC allows where a running mass lies within rounding of mu.
+            decision that docs/semantics.md allows where a running mass lies within rounding of mu.
 
     Returns:
         (loss, stats): loss is an (N,) tensor, NaN for rows with NaN or +inf logits or an empty
@@ -114,7 +114,7 @@ def _order_and_running_mass(a, support, p):
 
 
 def head_size_bounds(student_logits, teacher_logits, *, mu, temperature=1.0, tolerance):
-    """Smallest and largest head sizes SPEC allows when cum_k is only known within tolerance.
+    """Smallest and largest head sizes docs/semantics.md allows when cum_k is only known within tolerance.
 
     Returns two (N,) int64 tensors: the head sizes under mu - tolerance and mu + tolerance
     (at least 1, at most the support size), computed in float64.
@@ -143,7 +143,7 @@ def reference_loss(
     reduction="mean",
     mode="akl",
 ):
-    """SPEC section 2 with reductions, for logits of shape (..., V).
+    """docs/semantics.md section 2 with reductions, for logits of shape (..., V).
 
     Ignored rows (labels == ignore_index, compared as Python integers, so that no label dtype
     wraps ignore_index around) are never computed, so whatever they hold (NaN included)

@@ -71,7 +71,7 @@ def test_gpu_summary_checks_bandwidth_and_the_best_peer():
     text = results.markdown_report({"environment": environment("cuda", copy), "results": _with_ratios(records)})
     assert "- bfloat16 16384 x 128256: 75% of copy bandwidth (met); fastest peer liger JSD beta=0 (FKL) " \
            "takes 1.20x our time (met)" in text
-    assert "4096 x 32000: 20%" not in text  # below 2^30 elements: not a SPEC shape
+    assert "4096 x 32000: 20%" not in text  # below 2^30 elements: not a target shape
     assert "(4000 GB/s)" in text
 
 

@@ -21,7 +21,7 @@ from akl_kernels import (
     rkl_loss,
 )
 from akl_kernels.fused_linear import _mm_has_float32_output, default_chunk_rows
-from tests.compare import STATS_NAMES
+from reference.compare import STATS_NAMES
 
 FUSED = {"akl": fused_linear_akl_loss, "fkl": fused_linear_fkl_loss, "rkl": fused_linear_rkl_loss}
 MATERIALISED = {"akl": akl_loss, "fkl": fkl_loss, "rkl": rkl_loss}
@@ -200,7 +200,7 @@ def test_hidden_and_weight_dtypes_may_differ(backend):
 @pytest.mark.parametrize("backend,mode", [("torch", "akl"), ("torch", "fkl"), ("torch", "rkl"), ("triton", "akl")])
 def test_gradcheck(backend, mode):
     # float64 finite differences through the hidden states, weight and bias. AKL's weights are
-    # constants for autograd (SPEC section 2): as in test_gradcheck.py, the checked function
+    # constants for autograd (docs/semantics.md section 2): as in test_gradcheck.py, the checked function
     # adds (w(x0) - w(x)) * KL(x), zero at x0, so that its finite differences see frozen weights.
     inputs = make_inputs(leading=(3,), hidden=(2, 3), vocab=6, dtype=torch.float64)
     labels = torch.tensor([0, -100, 4])

@@ -1,6 +1,6 @@
 """torch.autograd.gradcheck in float64 against finite differences, for both backends.
 
-SPEC section 2 makes the AKL weights constants for autograd (as the paper's code does), so the
+docs/semantics.md section 2 makes the AKL weights constants for autograd (as the paper's code does), so the
 AKL gradient is that of w_head(s0) * FKL(s) + w_tail(s0) * RKL(s) with the weights frozen at
 the point s0 where it is taken. The checked function adds, with detached statistics,
 (w(s0) - w(s)) * KL(s) to the loss: at s0 this is zero and has no gradient, and its value near

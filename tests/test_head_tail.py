@@ -1,4 +1,4 @@
-"""reference/experiments/head_tail.py: the measured outcomes stay what they were (2026-12-01).
+"""experiments/head_tail.py: the measured outcomes stay what they were (2026-12-01).
 
 The assertions state what the experiment measured on the Zipf teacher, including where it
 disagrees with the paper (RKL closed the tail gap faster than FKL only with SGD from random
@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 
-from reference.experiments import head_tail
+from experiments import head_tail
 
 SETTINGS = {(s.optimizer, s.init): s for s in head_tail.SETTINGS}
 

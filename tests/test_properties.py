@@ -2,7 +2,7 @@
 
 Shapes, mu, temperature, logit distributions (Gaussian at several scales, or integers with many
 ties) and -inf masks in either input are drawn at random; every row must match the reference
-(up to the head/tail ambiguity that SPEC allows within rounding of mu, see tests/compare.py).
+(up to the head/tail ambiguity that docs/semantics.md allows within rounding of mu, see tests/compare.py).
 """
 
 import torch

@@ -10,7 +10,7 @@ from reference import reference_loss, reference_row_losses
 
 
 def python_head(p, mu):
-    """SPEC section 2 step 3 in plain Python: stable order by p descending, ties by index."""
+    """docs/semantics.md section 2 (step 3) in plain Python: stable order by p descending, ties by index."""
     order = sorted(range(len(p)), key=lambda j: (-p[j], j))
     head, running = set(), 0.0
     for rank, j in enumerate(order):

@@ -383,18 +383,18 @@ def test_invalid_rows_backends_agree(mode):
 # --- 7. extreme finite logits ------------------------------------------------------------------
 # Finite logits never give NaN. A row whose true loss exceeds float32's range gives +inf, and so
 # does a row with a log-probability beyond float32's range (a logit more than float32's largest
-# value times T below its row's maximum, where the other distribution has mass: README "What it
-# computes"); every finite loss matches the float64 reference.
+# value times min(1, T) below its row's maximum, where the other distribution has mass: README
+# "What it computes"); every finite loss matches the float64 reference.
 
 BIG = 3e38
 
 
 def log_probability_beyond_float32(student, teacher, temperature):
-    """(N,) bool: rows where (x - max) / T of some logit of either input, in float64, lies
-    below -float32's largest value."""
+    """(N,) bool: rows where x - max or (x - max) / T of some logit of either input, in float64,
+    lies below -float32's largest value (the shift comes first: at T > 1 it overflows first)."""
     def beyond(x):
         x = x.double()
-        return ((x - x.amax(-1, keepdim=True)) / temperature < -FLOAT32_MAX).any(-1)
+        return ((x - x.amax(-1, keepdim=True)) / min(1.0, temperature) < -FLOAT32_MAX).any(-1)
 
     return beyond(student) | beyond(teacher)
 

@@ -1,7 +1,7 @@
 """The paper's analysis on free student logits: do FKL and RKL share one optimum, does FKL fit the
 head first and RKL the tail, and where does AKL fall?
 
-    python -m reference.experiments.head_tail      # about a minute on a CPU; writes results/
+    python -m experiments.head_tail      # about a minute on a CPU; writes results/
 
 A fixed long-tailed teacher distribution p (Zipf-like over V tokens in a random order; plus,
 when train_example.py's cached default teacher exists, one of its real next-token
@@ -9,7 +9,7 @@ distributions) is fitted by a student q = softmax(z) whose logits z are free par
 optimised under FKL, RKL and AKL (mu = 0.5) with the library's own losses, from the same start,
 with the same optimiser, learning rate and number of steps. Settings: plain SGD at a stable
 learning rate and Adam, times a uniform start (z = 0) and random logits (z ~ N(0, 2^2)).
-Tracked every step: the head gap and tail gap of SPEC section 2 (the teacher's head at
+Tracked every step: the head gap and tail gap of docs/semantics.md section 2 (the teacher's head at
 mu = 0.5) and KL(p || q). Outputs: results/head_tail.md (gaps at fixed steps, verdicts) and
 results/head_tail.png (gaps over steps per loss and setting).
 """
@@ -160,7 +160,7 @@ def _between(value, a, b) -> bool:
 
 def markdown(results: dict) -> str:
     lines = ["# Head versus tail: FKL, RKL and AKL on free student logits", "",
-             "Command: `python -m reference.experiments.head_tail`. Gaps are SPEC section 2's (teacher head at mu = 0.5); "
+             "Command: `python -m experiments.head_tail`. Gaps are docs/semantics.md section 2's (teacher head at mu = 0.5); "
              "'early' is a fixed step of each setting: "
              + ", ".join(f"{s.optimizer} step {s.early}" for s in SETTINGS[::2])
              + f". Converged: KL(p || q) < {CONVERGED_KL:g}.", ""]

@@ -1,0 +1,99 @@
+"""Checks of the public losses' arguments, shared by the logits and the hidden-state forms.
+
+Each raises TypeError or ValueError with a message that says what was expected (the bad inputs
+of docs/semantics.md section 3).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def check_floating(name, x, what):
+    """TypeError unless x is a dense (strided) tensor of one of the supported floating dtypes."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(
+            f"{name} must be a dense tensor, got layout {x.layout}: sparse {what} are not "
+            "supported (x.to_dense() makes a dense copy)"
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must hold float16, bfloat16, float32 or float64 {what}, got {x.dtype}")
+
+
+def check_has_data(device, inputs):
+    """ValueError for meta tensors (shapes without values): the losses read every value."""
+    if device.type == "meta":
+        raise ValueError(
+            f"the {inputs} are meta tensors (device 'meta'), which hold no values to compute a "
+            "loss from: materialise them on a real device first"
+        )
+
+
+def check_labels(labels, leading_shape, device, inputs):
+    """Errors unless labels is None or an integer tensor of `leading_shape` on `device`.
+
+    `inputs` names the tensors whose leading shape that is ("logits", "hidden states").
+    """
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != leading_shape:
+        raise ValueError(
+            f"labels must have the {inputs}' leading shape {tuple(leading_shape)}, got {tuple(labels.shape)}"
+        )
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but the {inputs} are on {device}")
+
+
+def check_options(mu, temperature, ignore_index, reduction, return_stats, backend):
+    """Errors for keyword arguments outside their domains (README "Use": keyword arguments)."""
+    _check_number("mu", mu, "in (0, 1]", lambda x: 0.0 < x <= 1.0)
+    _check_number("temperature", temperature, "> 0 and finite", lambda x: math.isfinite(x) and x > 0)
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 (labels are integers), got {ignore_index}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be True or False, got {return_stats!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_temperature_range(temperature, dtype):
+    """ValueError when 2 / T overflows the compute dtype (T below about 5.9e-39 in float32): the
+    kernels scale logits by log2(e) / T."""
+    if float(temperature) * torch.finfo(dtype).max < 2.0:
+        raise ValueError(
+            f"temperature {temperature!r} is too small for {dtype} arithmetic: 2 / T must be "
+            f"finite (T >= {2.0 / torch.finfo(dtype).max:.3g})"
+        )
+
+
+def _check_number(name, value, domain, holds):
+    """TypeError for a tensor (a Python number is needed: no host sync, no gradient to it),
+    ValueError for anything else that is not a real number in the domain."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a Python number {domain}, got a tensor ({value!r}); pass float({name})"
+        )
+    if not _is_real(value) or not holds(float(value)):
+        raise ValueError(f"{name} must be a Python number {domain}, got {value!r}")
+
+
+def _is_real(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
