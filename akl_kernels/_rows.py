@@ -97,7 +97,8 @@ class RowBackend(NamedTuple):
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 when any of the inputs' dtypes is float64, else float32 (docs/semantics.md section 2 (step 2))."""
+    """float64 when any of the inputs' dtypes is float64, else float32 (docs/semantics.md
+    section 2, rule 3)."""
     if torch.float64 in dtypes:
         return torch.float64
     return torch.float32

@@ -2,8 +2,8 @@
 
 This is the default on machines without a GPU. Rows are processed a chunk at a time so that the
 working memory stays at a few chunk-sized buffers besides the gradient itself, and the gradient
-is computed from docs/semantics.md section 2 (step 7) directly (no autograd graph over vocabulary-sized
-intermediates). The head/tail split puts each row's tokens in buckets of logits (one scatter of
+is computed from its formula (docs/semantics.md section 2, rule 12) directly (no autograd graph
+over vocabulary-sized intermediates). The head/tail split puts each row's tokens in buckets of logits (one scatter of
 the teacher's mass, one of the gaps, and one of counts when statistics are asked for) and
 orders exactly only the bucket that crosses mu; no row is sorted.
 
@@ -150,10 +150,7 @@ def torch_row_gradient(
     factors_finite = bool((row_scale * inv_t).isfinite().all())
     for rows, chunk, a, b in _chunks(student, teacher, keep, dtype):
         max_a, max_b, sum_a, sum_b, rkl, head_weight, tail_weight, extreme = state[rows].split(1, dim=1)
-        outside = _outside_support(a, b)
-        if outside is not None:
-            a = a.masked_fill(outside, NEG_INF)
-            b = b.masked_fill(outside, NEG_INF)
+        a, b, outside = _restrict_to_support(a, b)
         p, q, d, _ = _probabilities(a, b, max_a, max_b, inv_t, chunk, outside, (sum_a, sum_b))
         weights = torch.cat((head_weight, tail_weight), 1).mul_(row_scale[rows, None])
         careful = not factors_finite or bool(extreme.any())
@@ -298,7 +295,8 @@ class _ChunkResult(NamedTuple):
 
 
 def _chunk_losses(a, b, chunk, config, grad_scale) -> _ChunkResult:
-    """docs/semantics.md section 2 for a chunk of R rows of teacher logits a and student logits b, both (R, V).
+    """docs/semantics.md section 2 for a chunk of R rows of teacher logits a and student
+    logits b, both (R, V).
 
     a and b are not written to; `chunk` holds the workspace buffers cut to R rows. grad_scale
     (0-dim, at most 1) is the gradient's factor, or None when no gradient is wanted.
@@ -309,10 +307,8 @@ def _chunk_losses(a, b, chunk, config, grad_scale) -> _ChunkResult:
     max_a, max_b = a.amax(1, keepdim=True), b.amax(1, keepdim=True)
     min_a = a.amin(1, keepdim=True)
     invalid = ~(max_a.squeeze(1) < INF) | ~(max_b.squeeze(1) < INF)
-    outside = _outside_support(a, b, min_a)
+    a, b, outside = _restrict_to_support(a, b, min_a)
     if outside is not None:  # the extremes over the support
-        a = a.masked_fill(outside, NEG_INF)
-        b = b.masked_fill(outside, NEG_INF)
         max_a, max_b, min_a = a.amax(1, keepdim=True), b.amax(1, keepdim=True), a.amin(1, keepdim=True)
 
     # Step 2: p = softmax(a / T), q = softmax(b / T) over the support, d = log p - log q.
@@ -388,12 +384,14 @@ def _chunk_losses(a, b, chunk, config, grad_scale) -> _ChunkResult:
     return _ChunkResult(loss, stats, head_size, grad, path, state)
 
 
-def _outside_support(a, b, min_a=None):
-    """(R, V) bool, True where either logit is -inf; None when no position of the chunk is.
-    min_a: a's row minima when already known."""
-    if bool(((a if min_a is None else min_a).amin() == NEG_INF) | (b.amin() == NEG_INF)):
-        return (a == NEG_INF) | (b == NEG_INF)
-    return None
+def _restrict_to_support(a, b, min_a=None):
+    """(a, b, outside): the (R, V) logits with -inf wherever either is -inf (new tensors then,
+    the inputs untouched), and that (R, V) bool mask, or the inputs themselves and None when
+    no position of the chunk is -inf. min_a: a's row minima when already known."""
+    if not bool(((a if min_a is None else min_a).amin() == NEG_INF) | (b.amin() == NEG_INF)):
+        return a, b, None
+    outside = (a == NEG_INF) | (b == NEG_INF)
+    return a.masked_fill(outside, NEG_INF), b.masked_fill(outside, NEG_INF), outside
 
 
 def _shift(x, row_max, inv_t, out):
@@ -433,7 +431,8 @@ def _weighted(weight, divergence):
 
 
 def _student_gradient(d, q, q_minus_p, rkl, weights, inv_t, careful):
-    """docs/semantics.md section 2 (step 7), times each row's factor, written into d's buffer and returned.
+    """The gradient (docs/semantics.md section 2, rule 12), times each row's factor, written
+    into d's buffer and returned.
 
     d = log p - log q (R, V), 0 outside the support; q and q - p (R, V); rkl (R,); weights
     (R, 2): w_head and w_tail times the row's factor; inv_t = 1 / T. With f_h, f_t those
@@ -481,7 +480,8 @@ class _Split(NamedTuple):
 
 
 def _find_split(a, max_a, min_a, log_z_a, p, invalid, config, chunk) -> _Split:
-    """docs/semantics.md section 2 (step 3) for a chunk: which tokens are head, from the teacher's logits and mass.
+    """The head/tail rule (docs/semantics.md section 2, rules 4-6) for a chunk: which tokens
+    are head, from the teacher's logits and mass.
 
     a, p: (R, V) teacher logits and probabilities (-inf and 0 outside the support);
     max_a, min_a, log_z_a: (R, 1) the rows' largest and smallest logit and log normaliser (of
@@ -588,8 +588,8 @@ def _teacher_order(rows, values):
 
 
 def _head_gaps(split, gap, count_head):
-    """docs/semantics.md section 2 (step 4): (head gap, tail gap, head size), each (R,), from the split and
-    gap = |p - q| (R, V). The head size is counted only when count_head (it is a statistic
+    """The gaps (docs/semantics.md section 2, rule 7): (head gap, tail gap, head size), each
+    (R,), from the split and gap = |p - q| (R, V). The head size is counted only when count_head (it is a statistic
     only) or when it comes for free; otherwise it is 0."""
     n_rows, vocab = gap.shape
     if split.keys is None:  # the whole support is head

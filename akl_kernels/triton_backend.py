@@ -658,6 +658,12 @@ def _search_bracket(
 
 
 @triton.jit
+def _normalisers(values):
+    """A row's record -> (max t, max s, log2 Z_a, log2 Z_b), what p and q of its logits need."""
+    return tl.load(values + 0), tl.load(values + 1), tl.load(values + 2), tl.load(values + 3)
+
+
+@triton.jit
 def _is_kept(keep_ptr, row, HAS_KEEP: tl.constexpr):
     """Whether the row counts: keep_ptr[row] with labels, every row without."""
     if HAS_KEEP:
@@ -724,10 +730,7 @@ def _gap_kernel(
                 STUDENT_ALIGN, TEACHER_ALIGN,
             )
             values = row_values_ptr + row * ROW_VALUES
-            max_t = tl.load(values + 0)
-            max_s = tl.load(values + 1)
-            log2_z_a = tl.load(values + 2)
-            log2_z_b = tl.load(values + 3)
+            max_t, max_s, log2_z_a, log2_z_b = _normalisers(values)
             crossing = tl.load(values + 6)
             hi = tl.load(values + 7)
             if BRACKET:
@@ -878,10 +881,7 @@ def _gradient_kernel(
                 STUDENT_ALIGN, TEACHER_ALIGN,
             )
             values = row_values_ptr + row * ROW_VALUES
-            max_t = tl.load(values + 0)
-            max_s = tl.load(values + 1)
-            log2_z_a = tl.load(values + 2)
-            log2_z_b = tl.load(values + 3)
+            max_t, max_s, log2_z_a, log2_z_b = _normalisers(values)
             rkl = tl.load(values + 5)
             head_weight = tl.load(values + 11)  # NaN for an invalid row
             tail_weight = tl.load(values + 12)

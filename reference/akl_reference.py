@@ -1,6 +1,7 @@
-"""Readable, sort-based PyTorch transcription of docs/semantics.md section 2: the oracle for tests and benchmarks.
+"""Readable, sort-based PyTorch transcription of docs/semantics.md section 2: the oracle for
+tests and benchmarks.
 
-Everything here follows docs/semantics.md line by line and favours clarity over speed: a full stable sort
+Everything here follows docs/semantics.md rule by rule and favours clarity over speed: a full stable sort
 per row finds the head, and autograd (not a hand-written formula) gives the gradient, so that the
 library's analytic gradient is checked against an independent derivation.
 
@@ -114,7 +115,8 @@ def _order_and_running_mass(a, support, p):
 
 
 def head_size_bounds(student_logits, teacher_logits, *, mu, temperature=1.0, tolerance):
-    """Smallest and largest head sizes docs/semantics.md allows when cum_k is only known within tolerance.
+    """Smallest and largest head sizes docs/semantics.md allows when cum_k is only known within
+    tolerance (section 2, rule 25).
 
     Returns two (N,) int64 tensors: the head sizes under mu - tolerance and mu + tolerance
     (at least 1, at most the support size), computed in float64.

@@ -10,7 +10,8 @@ from reference import reference_loss, reference_row_losses
 
 
 def python_head(p, mu):
-    """docs/semantics.md section 2 (step 3) in plain Python: stable order by p descending, ties by index."""
+    """The head/tail rule (docs/semantics.md section 2, rules 4-5) in plain Python: stable
+    order by p descending, ties by index."""
     order = sorted(range(len(p)), key=lambda j: (-p[j], j))
     head, running = set(), 0.0
     for rank, j in enumerate(order):

@@ -1,4 +1,4 @@
-"""Bad input gets a clear exception (docs/semantics.md section 2), on both backends."""
+"""Bad input gets a clear exception (docs/semantics.md section 3), on both backends."""
 
 import os
 
