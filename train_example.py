@@ -1,8 +1,9 @@
-"""Distil a small GPT-2 or LLaMA student from a larger teacher with akl_kernels (AKL, FKL or RKL).
+"""Distil a small GPT-2 or LLaMA student from a larger teacher with akl_kernels (AKL or another divergence).
 
     python train_example.py                        # offline: tokenizer, data, teacher (cached), AKL, evaluation
     python train_example.py --quick                # the same in under 90 s on a CPU (smoke test)
     python train_example.py --compare              # FKL, RKL and AKL from the same student initialisation
+    python train_example.py --compare akl,fkl,rkl,jsd,tvd,skl   # any losses of the family, likewise
     python train_example.py --compare-mu 0.3,0.5,0.7   # AKL at several mu from the same initialisation
     python train_example.py --data dolly.jsonl     # Dolly records: instruction, context, response
     python train_example.py --fused-linear         # KD and LM losses from hidden states: no batch logits
@@ -18,9 +19,10 @@ at least 4x fewer parameters is distilled with
     loss = (1 - kd_ratio) * lm_loss + kd_ratio * kd_loss
 
 where lm_loss is the cross-entropy on response tokens (prompt labels are -100, as in the
-paper's MiniLLM-style recipe) and kd_loss is akl_loss / fkl_loss / rkl_loss of the student's
-and teacher's logits on the same tokens. With --fused-linear, training steps never build the
-batch's logits: kd_loss is fused_linear_akl_loss (or its FKL / RKL variant) of the student's
+paper's MiniLLM-style recipe) and kd_loss is distillation_loss (--loss: akl, fkl, rkl, jsd, tvd,
+skl or srkl, at their default beta / alpha) of the student's and teacher's logits on the same
+tokens. With --fused-linear, training steps never build the batch's logits: kd_loss is
+fused_linear_distillation_loss of the student's
 and teacher's final hidden states and lm_head weights, and lm_loss a chunked cross-entropy whose
 chunks are recomputed in backward (evaluation still uses logits). Evaluation: validation perplexity, validation KD
 loss (and FKL, RKL), and Rouge-L of greedy generations against held-out responses. Outputs in
@@ -47,18 +49,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-from akl_kernels import (
-    akl_loss,
-    fkl_loss,
-    fused_linear_akl_loss,
-    fused_linear_fkl_loss,
-    fused_linear_rkl_loss,
-    rkl_loss,
-)
+from akl_kernels import LOSSES, distillation_loss, fused_linear_distillation_loss
 from akl_kernels.fused_linear import default_chunk_rows
 
-KD_LOSSES = {"akl": akl_loss, "fkl": fkl_loss, "rkl": rkl_loss}
-FUSED_KD_LOSSES = {"akl": fused_linear_akl_loss, "fkl": fused_linear_fkl_loss, "rkl": fused_linear_rkl_loss}
+# --compare without a list: the paper's comparison.
+PAPER_COMPARISON = ("fkl", "rkl", "akl")
 IGNORE = -100
 PROMPT_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -328,23 +323,21 @@ def train_teacher(teacher, examples, preset: Preset, args, ranks: Ranks):
 
 def kd_terms(student_logits, teacher_logits, labels, loss_name: str, args):
     """KD loss (mean) over the tokens that have labels; position i predicts token i + 1."""
-    return KD_LOSSES[loss_name](student_logits[:, :-1], teacher_logits[:, :-1], **_kd_options(labels, loss_name, args))
+    return distillation_loss(student_logits[:, :-1], teacher_logits[:, :-1], **_kd_options(labels, loss_name, args))
 
 
 def fused_kd_terms(student_hidden, student_head, teacher_hidden, teacher_head, labels, loss_name: str, args,
                    **options):
     """kd_terms from final hidden states (batch, tokens, H) and the models' lm_heads, without logits."""
-    return FUSED_KD_LOSSES[loss_name](
+    return fused_linear_distillation_loss(
         student_hidden[:, :-1], student_head.weight, teacher_hidden[:, :-1], teacher_head.weight,
-        student_head.bias, teacher_head.bias, **_kd_options(labels, loss_name, args), **options,
+        student_bias=student_head.bias, teacher_bias=teacher_head.bias, **_kd_options(labels, loss_name, args),
+        **options,
     )
 
 
 def _kd_options(labels, loss_name: str, args) -> dict:
-    options = {"labels": labels[:, 1:], "temperature": args.temperature}
-    if loss_name == "akl":
-        options["mu"] = args.mu
-    return options
+    return {"loss": loss_name, "labels": labels[:, 1:], "temperature": args.temperature, "mu": args.mu}
 
 
 def chunked_lm_loss(hidden, lm_head, labels):
@@ -412,8 +405,8 @@ def training_losses(model, student, teacher, inputs, loss_name: str, args, with_
         stats = None
         if with_stats:
             with torch.no_grad():
-                _, stats = akl_loss(out.logits[:, :-1].detach(), teacher_logits[:, :-1], reduction="none",
-                                    return_stats=True, **_kd_options(labels, "akl", args))
+                _, stats = distillation_loss(out.logits[:, :-1].detach(), teacher_logits[:, :-1], reduction="none",
+                                             return_stats=True, **_kd_options(labels, "akl", args))
     loss = (1 - args.kd_ratio) * lm_loss + args.kd_ratio * kd
     return loss, lm_loss, kd, None if stats is None else gap_stats(stats, labels)
 
@@ -421,8 +414,8 @@ def training_losses(model, student, teacher, inputs, loss_name: str, args, with_
 def gap_stats(stats, labels) -> dict:
     """Mean AKLStats over the labelled tokens: head/tail gaps, weights and head size at mu.
 
-    Taken from the AKL loss whatever the run's KD loss, so that FKL, RKL and AKL runs log the
-    same quantities (the FKL and RKL losses split their statistics at 0.5, not at --mu).
+    Taken from the AKL loss whatever the run's KD loss, so that every run logs the same
+    quantities (AKL's weights; the other losses apply fixed weights or none).
     """
     kept = labels[:, 1:] != IGNORE
     count = max(1, int(kept.sum()))
@@ -606,6 +599,14 @@ def _progress(total: int, description: str, ranks: Ranks):
     return tqdm(total=total, desc=description, disable=not ranks.main, dynamic_ncols=True, mininterval=1.0)
 
 
+def _loss_list(text: str) -> list[str]:
+    names = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    unknown = [name for name in names if name not in LOSSES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected comma-separated losses among {', '.join(LOSSES)}, got {text!r}")
+    return names
+
+
 def _mu_list(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -622,9 +623,11 @@ def parse_args(argv=None):
     parser.add_argument("--teacher", help="local path or hub name of a trained causal LM (its tokenizer is used)")
     parser.add_argument("--student", help="local path or hub name of the student's starting point")
     parser.add_argument("--data", type=Path, help="JSONL file with instruction, context, response (Dolly schema)")
-    parser.add_argument("--loss", choices=list(KD_LOSSES), default="akl")
+    parser.add_argument("--loss", choices=list(LOSSES), default="akl")
     comparisons = parser.add_mutually_exclusive_group()
-    comparisons.add_argument("--compare", action="store_true", help="distil under FKL, RKL and AKL from the same init")
+    comparisons.add_argument("--compare", type=_loss_list, nargs="?", const=list(PAPER_COMPARISON),
+                             metavar="LOSS,LOSS,...",
+                             help="distil under each loss from the same init (default: fkl,rkl,akl)")
     comparisons.add_argument("--compare-mu", type=_mu_list, metavar="MU,MU,...",
                              help="distil under AKL at each mu from the same init (a mu sweep)")
     parser.add_argument("--kd-ratio", type=float, default=0.5, help="weight of the KD loss; 1 - it weighs LM loss")
@@ -714,7 +717,7 @@ def main(argv=None):
     teacher_eval = evaluate(teacher, None, val_examples, args.loss, preset, args, ranks, tokenizer)
 
     if args.compare:  # (run name, KD loss, mu)
-        specs = [(name, name, args.mu) for name in ("fkl", "rkl", "akl")]
+        specs = [(name, name, args.mu) for name in args.compare]
     elif args.compare_mu:
         specs = [(f"akl-mu{mu:g}", "akl", mu) for mu in args.compare_mu]
     else:

@@ -10,19 +10,22 @@ from typing import NamedTuple
 
 import torch
 
-from ._rows import LossMode, RowBackend, RowLossConfig
+from ._rows import RowBackend, RowLossConfig
+from .divergences import Divergence, LossMode
 from .torch_backend import TORCH_BACKEND
 
-# fkl_loss and rkl_loss have no mu; their head/tail statistics use the paper's value.
+# fkl_loss and rkl_loss have no mu; their head/tail statistics use the paper's value, and so
+# does distillation_loss unless mu is given.
 STATS_MU = 0.5
 
 
 class AKLStats(NamedTuple):
     """Detached per-row diagnostics, each of the logits' leading shape (0 at ignored rows).
 
-    fkl, rkl: KL(p||q) and KL(q||p). head_gap, tail_gap: sum of |p - q| over the teacher's head
-    and tail at mu. head_weight, tail_weight: the weights applied to FKL and RKL. head_size:
-    number of head tokens (int64). For fkl_loss / rkl_loss the split uses mu = 0.5.
+    fkl, rkl: KL(p||q) and KL(q||p), whatever the loss. head_gap, tail_gap: sum of |p - q| over
+    the teacher's head and tail at mu. head_weight, tail_weight: the weights the loss applies to
+    FKL and RKL ((1, 0) for "fkl", (0, 1) for "rkl", (0, 0) for the losses that are neither).
+    head_size: number of head tokens (int64). For fkl_loss / rkl_loss the split uses mu = 0.5.
     """
 
     fkl: torch.Tensor
@@ -34,14 +37,16 @@ class AKLStats(NamedTuple):
     head_size: torch.Tensor
 
 
-def row_config(mode, mu, temperature, return_stats) -> RowLossConfig:
-    """The backends' configuration of one call (the head/tail split for AKL or for statistics)."""
+def row_config(loss: Divergence, parameter, mu, temperature, return_stats) -> RowLossConfig:
+    """The backends' configuration of one call (the head/tail split for AKL or for statistics);
+    parameter: the loss's beta or alpha (divergences.resolve_parameter)."""
     return RowLossConfig(
-        mode=LossMode(mode),
+        mode=loss.mode,
         mu=float(mu),
         temperature=float(temperature),
-        split=mode == LossMode.AKL or bool(return_stats),
+        split=loss.mode == LossMode.AKL or bool(return_stats),
         stats=bool(return_stats),
+        mixture=loss.mixture(parameter) if loss.mixture else (0.0, 0.0),
     )
 
 

@@ -18,12 +18,13 @@ reduction; backends only do the per-row work (README "What it computes").
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
+
+from .divergences import LossMode
 
 # How many of the teacher's largest logits the Triton kernel keeps per row in its first pass.
 # When the crossing of mu happens among them (the usual case at T = 1), the split is exact
@@ -34,25 +35,19 @@ TOPK = 32
 STATS_FIELDS = ("fkl", "rkl", "head_gap", "tail_gap", "head_weight", "tail_weight")
 
 
-class LossMode(enum.IntEnum):
-    """Which weights combine FKL and RKL: gap-weighted (AKL) or fixed to (1, 0) / (0, 1)."""
-
-    AKL = 0
-    FKL = 1
-    RKL = 2
-
-
 @dataclass(frozen=True)
 class RowLossConfig:
     """Runtime parameters of one loss call.
 
-    mode: LossMode.
+    mode: LossMode (divergences.py).
     mu: head mass in (0, 1].
     temperature: T > 0.
-    split: compute the head/tail split (always for AKL; for FKL/RKL only when statistics are
-        requested, since their weights do not depend on it).
+    split: compute the head/tail split (always for AKL; for the other losses only when
+        statistics are requested, since nothing else of theirs depends on it).
     stats: the statistics will be returned. The head size is one of them only, so a backend
         for which counting it costs a pass may leave it 0 when stats is False.
+    mixture: (w_p, w_q), the weights of M = w_p p + w_q q for the divergences that mix p and q
+        (divergences.py), from their parameter; unused by the others.
     """
 
     mode: LossMode
@@ -60,6 +55,7 @@ class RowLossConfig:
     temperature: float
     split: bool
     stats: bool = True
+    mixture: tuple[float, float] = (0.0, 0.0)
 
 
 class RowLosses(NamedTuple):

@@ -60,8 +60,8 @@ def check_labels(labels, leading_shape, device, inputs):
 
 def check_options(mu, temperature, ignore_index, reduction, return_stats, backend):
     """Errors for keyword arguments outside their domains (README "Use": keyword arguments)."""
-    _check_number("mu", mu, "in (0, 1]", lambda x: 0.0 < x <= 1.0)
-    _check_number("temperature", temperature, "> 0 and finite", lambda x: math.isfinite(x) and x > 0)
+    check_number("mu", mu, "in (0, 1]", lambda x: 0.0 < x <= 1.0)
+    check_number("temperature", temperature, "> 0 and finite", lambda x: math.isfinite(x) and x > 0)
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if not INT64_MIN <= ignore_index <= INT64_MAX:
@@ -84,15 +84,16 @@ def check_temperature_range(temperature, dtype):
         )
 
 
-def _check_number(name, value, domain, holds):
+def check_number(name, value, domain, holds, why=""):
     """TypeError for a tensor (a Python number is needed: no host sync, no gradient to it),
-    ValueError for anything else that is not a real number in the domain."""
+    ValueError for anything else that is not a real number in the domain (`why`, when given,
+    is added to its message)."""
     if isinstance(value, torch.Tensor):
         raise TypeError(
             f"{name} must be a Python number {domain}, got a tensor ({value!r}); pass float({name})"
         )
     if not _is_real(value) or not holds(float(value)):
-        raise ValueError(f"{name} must be a Python number {domain}, got {value!r}")
+        raise ValueError(f"{name} must be a Python number {domain}, got {value!r}" + (f": {why}" if why else ""))
 
 
 def _is_real(x):

@@ -37,7 +37,8 @@ from ._dispatch import (
     select_backend,
     shape_result,
 )
-from ._rows import STATS_FIELDS, LossMode, RowBackend, RowLossConfig, compute_dtype
+from ._rows import STATS_FIELDS, RowBackend, RowLossConfig, compute_dtype
+from .divergences import DIVERGENCES, divergence, resolve_parameter
 from ._validation import check_floating, check_has_data, check_labels, check_options, check_temperature_range
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -54,6 +55,55 @@ MIN_CHUNK_ELEMENTS = 1 << 20
 def default_chunk_rows(vocab: int, hidden: int) -> int:
     """Rows per chunk for vocabulary size V and hidden size H (the larger of student and teacher)."""
     return max(1, hidden // 4, MIN_CHUNK_ELEMENTS // vocab)
+
+
+def fused_linear_distillation_loss(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    *,
+    student_bias=None,
+    teacher_bias=None,
+    loss="akl",
+    mu=STATS_MU,
+    beta=None,
+    alpha=None,
+    temperature=1.0,
+    labels=None,
+    ignore_index=-100,
+    reduction="mean",
+    chunk_size=None,
+    return_stats=False,
+    backend="auto",
+):
+    """distillation_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T + teacher_bias, loss=loss).
+
+    Same value, statistics and gradients as distillation_loss on float32 logits computed from
+    these inputs, without materialising the logits (see the module docstring).
+
+    Args:
+        student_hidden: (..., H_s) float16/bfloat16/float32/float64, the student's last hidden
+            states; receives a gradient of its shape and dtype.
+        student_weight: (V, H_s) the student's lm_head weight (as nn.Linear stores it); receives
+            a gradient. Hidden states and weight may differ in dtype (bf16 hidden states of an
+            autocast model beside a float32 weight): they are multiplied in the promoted dtype.
+        teacher_hidden: (..., H_t) with the same leading shape; no gradient.
+        teacher_weight: (V, H_t); no gradient.
+        student_bias, teacher_bias: optional (V,) biases; the student's receives a gradient.
+        loss, mu, beta, alpha, temperature, labels, ignore_index, reduction, return_stats,
+            backend: as distillation_loss; labels have the hidden states' leading shape.
+        chunk_size: rows per chunk; None picks max(1, H / 4, 2^20 / V) (H the larger hidden size).
+
+    Returns:
+        The loss (float32, or float64 when a hidden state or weight is float64), or (loss, AKLStats).
+    """
+    family = divergence(loss)
+    parameter = resolve_parameter(family, beta=beta, alpha=alpha)
+    return _fused_linear_loss(
+        family, parameter, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+        teacher_bias, mu, temperature, labels, ignore_index, reduction, chunk_size, return_stats, backend,
+    )
 
 
 def fused_linear_akl_loss(
@@ -73,29 +123,10 @@ def fused_linear_akl_loss(
     return_stats=False,
     backend="auto",
 ):
-    """akl_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T + teacher_bias).
-
-    Same value, statistics and gradients as akl_loss on float32 logits computed from these
-    inputs, without materialising the logits (see the module docstring).
-
-    Args:
-        student_hidden: (..., H_s) float16/bfloat16/float32/float64, the student's last hidden
-            states; receives a gradient of its shape and dtype.
-        student_weight: (V, H_s) the student's lm_head weight (as nn.Linear stores it); receives
-            a gradient. Hidden states and weight may differ in dtype (bf16 hidden states of an
-            autocast model beside a float32 weight): they are multiplied in the promoted dtype.
-        teacher_hidden: (..., H_t) with the same leading shape; no gradient.
-        teacher_weight: (V, H_t); no gradient.
-        student_bias, teacher_bias: optional (V,) biases; the student's receives a gradient.
-        mu, temperature, labels, ignore_index, reduction, return_stats, backend: as akl_loss;
-            labels have the hidden states' leading shape.
-        chunk_size: rows per chunk; None picks max(1, H / 4, 2^20 / V) (H the larger hidden size).
-
-    Returns:
-        The loss (float32, or float64 when a hidden state or weight is float64), or (loss, AKLStats).
-    """
+    """akl_loss from hidden states: fused_linear_distillation_loss(..., loss="akl"), with the
+    biases also accepted by position; arguments and returns as there."""
     return _fused_linear_loss(
-        LossMode.AKL, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+        DIVERGENCES["akl"], 0.0, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
         teacher_bias, mu, temperature, labels, ignore_index, reduction, chunk_size, return_stats, backend,
     )
 
@@ -118,7 +149,7 @@ def fused_linear_fkl_loss(
 ):
     """Forward KL from hidden states; arguments and returns as fused_linear_akl_loss (statistics at mu = 0.5)."""
     return _fused_linear_loss(
-        LossMode.FKL, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+        DIVERGENCES["fkl"], 0.0, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
         teacher_bias, STATS_MU, temperature, labels, ignore_index, reduction, chunk_size, return_stats, backend,
     )
 
@@ -141,18 +172,18 @@ def fused_linear_rkl_loss(
 ):
     """Reverse KL from hidden states; arguments and returns as fused_linear_akl_loss (statistics at mu = 0.5)."""
     return _fused_linear_loss(
-        LossMode.RKL, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+        DIVERGENCES["rkl"], 0.0, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
         teacher_bias, STATS_MU, temperature, labels, ignore_index, reduction, chunk_size, return_stats, backend,
     )
 
 
 class FusedLinearAKLLoss(torch.nn.Module):
-    """nn.Module form of fused_linear_akl_loss (or its FKL / RKL variants): holds the keyword arguments.
+    """nn.Module form of fused_linear_distillation_loss: holds the keyword arguments.
 
-    loss="akl", "fkl" or "rkl" selects the divergence (mu is only used by "akl").
+    loss selects the divergence ("akl" by default; beta and alpha as distillation_loss).
     forward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None,
-    teacher_bias=None, labels=None) returns what fused_linear_akl_loss returns. The weights are
-    passed in, not held, since they belong to the models' lm_heads.
+    teacher_bias=None, labels=None) returns what fused_linear_distillation_loss returns. The
+    weights are passed in, not held, since they belong to the models' lm_heads.
     """
 
     def __init__(
@@ -160,6 +191,8 @@ class FusedLinearAKLLoss(torch.nn.Module):
         *,
         loss="akl",
         mu=0.5,
+        beta=None,
+        alpha=None,
         temperature=1.0,
         ignore_index=-100,
         reduction="mean",
@@ -168,12 +201,11 @@ class FusedLinearAKLLoss(torch.nn.Module):
         backend="auto",
     ):
         super().__init__()
-        if loss not in _MODES:
-            raise ValueError(f"loss must be one of {tuple(_MODES)}, got {loss!r}")
+        self.loss = loss
+        self.parameter = resolve_parameter(divergence(loss), beta=beta, alpha=alpha)
         check_options(mu, temperature, ignore_index, reduction, return_stats, backend)
         _check_chunk_size(chunk_size)
-        self.loss = loss
-        self.mu = mu if loss == "akl" else STATS_MU
+        self.mu = mu
         self.temperature = temperature
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -186,24 +218,23 @@ class FusedLinearAKLLoss(torch.nn.Module):
         teacher_bias=None, labels=None,
     ):
         return _fused_linear_loss(
-            _MODES[self.loss], student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+            DIVERGENCES[self.loss], self.parameter, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
             teacher_bias, self.mu, self.temperature, labels, self.ignore_index, self.reduction,
             self.chunk_size, self.return_stats, self.backend,
         )
 
     def extra_repr(self):
+        family = DIVERGENCES[self.loss]
+        parameter = f", {family.parameter}={self.parameter}" if family.parameter else ""
         return (
-            f"loss={self.loss!r}, mu={self.mu}, temperature={self.temperature}, "
+            f"loss={self.loss!r}{parameter}, mu={self.mu}, temperature={self.temperature}, "
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
             f"chunk_size={self.chunk_size}, return_stats={self.return_stats}, backend={self.backend!r}"
         )
 
 
-_MODES = {"akl": LossMode.AKL, "fkl": LossMode.FKL, "rkl": LossMode.RKL}
-
-
 def _fused_linear_loss(
-    mode, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+    family, parameter, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
     mu, temperature, labels, ignore_index, reduction, chunk_size, return_stats, backend,
 ):
     _check_tensors(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels)
@@ -221,7 +252,7 @@ def _fused_linear_loss(
     vocab = student_weight.shape[0]
     hidden = max(student_weight.shape[1], teacher_weight.shape[1])
     options = _Options(
-        config=row_config(mode, mu, temperature, return_stats),
+        config=row_config(family, parameter, mu, temperature, return_stats),
         row_backend=row_backend,
         chunk_rows=int(chunk_size or default_chunk_rows(vocab, hidden)),
         reduction=reduction,

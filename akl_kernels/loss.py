@@ -1,4 +1,5 @@
-"""The losses on logits: akl_loss, fkl_loss, rkl_loss, AKLLoss, and their autograd Function.
+"""The losses on logits: distillation_loss, DistillationLoss, the named akl_loss, fkl_loss,
+rkl_loss, AKLLoss, and their autograd Function.
 
 Arguments are checked by ``_validation.py``; ``_dispatch.py`` picks the backend (``_rows.py``
 says what a backend computes) and shapes the results; this module reduces over rows and ties
@@ -18,8 +19,58 @@ from ._dispatch import (
     select_backend,
     shape_result,
 )
-from ._rows import LossMode, compute_dtype
+from ._rows import compute_dtype
+from .divergences import DIVERGENCES, divergence, resolve_parameter
 from ._validation import check_floating, check_has_data, check_labels, check_options, check_temperature_range
+
+
+def distillation_loss(
+    student_logits,
+    teacher_logits,
+    *,
+    loss="akl",
+    mu=STATS_MU,
+    beta=None,
+    alpha=None,
+    temperature=1.0,
+    labels=None,
+    ignore_index=-100,
+    reduction="mean",
+    return_stats=False,
+    backend="auto",
+):
+    """One of the family's divergences between teacher and student next-token distributions.
+
+    Per row: p = softmax(teacher / T), q = softmax(student / T), and the divergence named by
+    `loss` (README "The loss family"; docs/semantics.md section 2 has the exact rules):
+    "akl" Adaptive KL (Wu et al., arXiv 2404.02657), "fkl" KL(p||q), "rkl" KL(q||p), "jsd"
+    generalised Jensen-Shannon (beta), "tvd" total variation, "skl" / "srkl" the skew KLs of
+    DistiLLM (alpha).
+
+    Args:
+        student_logits: (..., V) float16/bfloat16/float32/float64; receives the gradient.
+        teacher_logits: (..., V), same shape and device; any of the same dtypes; no gradient.
+        loss: the divergence's name.
+        mu: head mass, 0 < mu <= 1: AKL's split, and the split of every loss's statistics.
+        beta: "jsd" only, in (0, 1), default 0.5. alpha: "skl" / "srkl" only, in (0, 1],
+            default 0.1. Passing either to another loss is an error.
+        temperature: T > 0 and finite; no T^2 factor is applied.
+        labels: optional integer tensor of the leading shape; rows with labels == ignore_index
+            contribute 0 and get a zero gradient.
+        ignore_index: label value of ignored rows.
+        reduction: "mean" (over kept rows; 0 when none is kept), "sum" or "none".
+        return_stats: also return an AKLStats of detached per-row diagnostics.
+        backend: "auto" (Triton for CUDA tensors, else "torch"), "triton" or "torch".
+
+    Returns:
+        The loss (float32, or float64 for float64 inputs), or (loss, AKLStats).
+    """
+    family = divergence(loss)
+    parameter = resolve_parameter(family, beta=beta, alpha=alpha)
+    return _distillation_loss(
+        family, parameter, student_logits, teacher_logits, mu, temperature, labels, ignore_index,
+        reduction, return_stats, backend,
+    )
 
 
 def akl_loss(
@@ -34,30 +85,15 @@ def akl_loss(
     return_stats=False,
     backend="auto",
 ):
-    """Adaptive KL (Wu et al., arXiv 2404.02657) between teacher and student next-token distributions.
+    """Adaptive KL (Wu et al., arXiv 2404.02657): distillation_loss(..., loss="akl").
 
     Per row: p = softmax(teacher / T), q = softmax(student / T); the teacher's vocabulary is split
     into a head (the longest prefix, in descending-probability order, whose mass stays <= mu) and
     a tail; loss = w_head * KL(p||q) + w_tail * KL(q||p) with weights proportional to the
-    student's gap sum|p - q| in each part. See docs/semantics.md section 2 for the exact rules.
-
-    Args:
-        student_logits: (..., V) float16/bfloat16/float32/float64; receives the gradient.
-        teacher_logits: (..., V), same shape and device; any of the same dtypes; no gradient.
-        mu: head mass, 0 < mu <= 1.
-        temperature: T > 0 and finite; no T^2 factor is applied.
-        labels: optional integer tensor of the leading shape; rows with labels == ignore_index
-            contribute 0 and get a zero gradient.
-        ignore_index: label value of ignored rows.
-        reduction: "mean" (over kept rows; 0 when none is kept), "sum" or "none".
-        return_stats: also return an AKLStats of detached per-row diagnostics.
-        backend: "auto" (Triton for CUDA tensors, else "torch"), "triton" or "torch".
-
-    Returns:
-        The loss (float32, or float64 for float64 inputs), or (loss, AKLStats).
+    student's gap sum|p - q| in each part. Arguments and returns as distillation_loss.
     """
     return _distillation_loss(
-        LossMode.AKL, student_logits, teacher_logits, mu, temperature, labels, ignore_index,
+        DIVERGENCES["akl"], 0.0, student_logits, teacher_logits, mu, temperature, labels, ignore_index,
         reduction, return_stats, backend,
     )
 
@@ -75,7 +111,7 @@ def fkl_loss(
 ):
     """Forward KL, KL(p||q) per row; arguments and returns as akl_loss (statistics at mu = 0.5)."""
     return _distillation_loss(
-        LossMode.FKL, student_logits, teacher_logits, STATS_MU, temperature, labels,
+        DIVERGENCES["fkl"], 0.0, student_logits, teacher_logits, STATS_MU, temperature, labels,
         ignore_index, reduction, return_stats, backend,
     )
 
@@ -93,16 +129,59 @@ def rkl_loss(
 ):
     """Reverse KL, KL(q||p) per row; arguments and returns as akl_loss (statistics at mu = 0.5)."""
     return _distillation_loss(
-        LossMode.RKL, student_logits, teacher_logits, STATS_MU, temperature, labels,
+        DIVERGENCES["rkl"], 0.0, student_logits, teacher_logits, STATS_MU, temperature, labels,
         ignore_index, reduction, return_stats, backend,
     )
 
 
-class AKLLoss(torch.nn.Module):
-    """nn.Module form of akl_loss: holds its keyword arguments, checked when constructed.
+class DistillationLoss(torch.nn.Module):
+    """nn.Module form of distillation_loss: holds its keyword arguments, checked when constructed.
 
-    forward(student_logits, teacher_logits, labels=None) returns what akl_loss returns.
+    forward(student_logits, teacher_logits, labels=None) returns what distillation_loss returns.
     """
+
+    def __init__(
+        self,
+        *,
+        loss="akl",
+        mu=STATS_MU,
+        beta=None,
+        alpha=None,
+        temperature=1.0,
+        ignore_index=-100,
+        reduction="mean",
+        return_stats=False,
+        backend="auto",
+    ):
+        super().__init__()
+        self.loss = loss
+        self.parameter = resolve_parameter(divergence(loss), beta=beta, alpha=alpha)
+        check_options(mu, temperature, ignore_index, reduction, return_stats, backend)
+        self.mu = mu
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.return_stats = return_stats
+        self.backend = backend
+
+    def forward(self, student_logits, teacher_logits, labels=None):
+        return _distillation_loss(
+            DIVERGENCES[self.loss], self.parameter, student_logits, teacher_logits, self.mu, self.temperature,
+            labels, self.ignore_index, self.reduction, self.return_stats, self.backend,
+        )
+
+    def extra_repr(self):
+        family = DIVERGENCES[self.loss]
+        parameter = f", {family.parameter}={self.parameter}" if family.parameter else ""
+        return (
+            f"loss={self.loss!r}{parameter}, mu={self.mu}, temperature={self.temperature}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"return_stats={self.return_stats}, backend={self.backend!r}"
+        )
+
+
+class AKLLoss(DistillationLoss):
+    """nn.Module form of akl_loss: DistillationLoss(loss="akl", ...)."""
 
     def __init__(
         self,
@@ -114,37 +193,14 @@ class AKLLoss(torch.nn.Module):
         return_stats=False,
         backend="auto",
     ):
-        super().__init__()
-        check_options(mu, temperature, ignore_index, reduction, return_stats, backend)
-        self.mu = mu
-        self.temperature = temperature
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.return_stats = return_stats
-        self.backend = backend
-
-    def forward(self, student_logits, teacher_logits, labels=None):
-        return akl_loss(
-            student_logits,
-            teacher_logits,
-            mu=self.mu,
-            temperature=self.temperature,
-            labels=labels,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            return_stats=self.return_stats,
-            backend=self.backend,
-        )
-
-    def extra_repr(self):
-        return (
-            f"mu={self.mu}, temperature={self.temperature}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}, return_stats={self.return_stats}, backend={self.backend!r}"
+        super().__init__(
+            loss="akl", mu=mu, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+            return_stats=return_stats, backend=backend,
         )
 
 
 def _distillation_loss(
-    mode, student, teacher, mu, temperature, labels, ignore_index, reduction, return_stats, backend
+    family, parameter, student, teacher, mu, temperature, labels, ignore_index, reduction, return_stats, backend
 ):
     _check_tensors(student, teacher, labels)
     check_options(mu, temperature, ignore_index, reduction, return_stats, backend)
@@ -158,7 +214,7 @@ def _distillation_loss(
     keep = keep_mask(labels, ignore_index)
     kept_rows = leading_shape.numel() if keep is None else keep.sum()
     grad_scale = reduction_grad_scale(reduction, kept_rows, dtype, student.device)
-    config = row_config(mode, mu, temperature, return_stats)
+    config = row_config(family, parameter, mu, temperature, return_stats)
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     loss, stats, head_size = _DistillationLoss.apply(
         student, teacher, keep, grad_scale, config, reduction, row_backend, compute_grad

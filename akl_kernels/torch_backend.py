@@ -19,7 +19,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._rows import LossMode, RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
+from ._rows import RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
+from .divergences import BY_MODE, LossMode
 
 NEG_INF = float("-inf")
 INF = float("inf")
@@ -55,14 +56,12 @@ CHUNK_ELEMENTS = 1 << 20
 MIN_CHUNK_ROWS = 8
 
 
-# (w_head, w_tail) of the losses whose weights do not adapt.
-FIXED_WEIGHTS = {LossMode.FKL: (1.0, 0.0), LossMode.RKL: (0.0, 1.0)}
-
 # State kept per row for torch_row_gradient (RowLosses.state, (N, len(STATE_FIELDS))): the
-# logits' maxima over the support, the sums of exp((x - max) / T), RKL, the two weights, and 1
-# where a log-ratio or divergence is beyond MODERATE (see _student_gradient). With them the
-# recomputed gradient equals the forward's bit for bit.
-STATE_FIELDS = ("max_t", "max_s", "sum_a", "sum_b", "rkl", "head_weight", "tail_weight", "extreme")
+# logits' maxima over the support, the sums of exp((x - max) / T), RKL, the two weights, 1
+# where a log-ratio or divergence is beyond MODERATE (see _student_gradient), and H, the sum of
+# the h_j of a divergence made of terms (TERMS). With them the recomputed gradient equals the
+# forward's bit for bit.
+STATE_FIELDS = ("max_t", "max_s", "sum_a", "sum_b", "rkl", "head_weight", "tail_weight", "extreme", "h_sum")
 # The statistics (STATS_FIELDS rows) that the state copies: RKL and the weights.
 STATE_STATS = [1, 4, 5]
 
@@ -148,13 +147,19 @@ def torch_row_gradient(
     row_scale = row_scale.to(dtype)
     # The weights are at most 1: with the row's factor over T finite, no factor overflows.
     factors_finite = bool((row_scale * inv_t).isfinite().all())
+    terms = _terms_of(config.mode)
     for rows, chunk, a, b in _chunks(student, teacher, keep, dtype):
-        max_a, max_b, sum_a, sum_b, rkl, head_weight, tail_weight, extreme = state[rows].split(1, dim=1)
+        max_a, max_b, sum_a, sum_b, rkl, head_weight, tail_weight, extreme, h_sum = state[rows].split(1, dim=1)
         a, b, outside = _restrict_to_support(a, b)
         p, q, d, _ = _probabilities(a, b, max_a, max_b, inv_t, chunk, outside, (sum_a, sum_b))
-        weights = torch.cat((head_weight, tail_weight), 1).mul_(row_scale[rows, None])
-        careful = not factors_finite or bool(extreme.any())
-        chunk_grad = _student_gradient(d, q, torch.sub(q, p, out=p), rkl.squeeze(1), weights, inv_t, careful)
+        if terms is not None:
+            log_p, log_q = _log_probabilities(a, b, max_a, max_b, sum_a, sum_b, inv_t, chunk)
+            _, h = terms(p, q, log_p, log_q, config.mixture)
+            chunk_grad = _terms_gradient(h, q, h_sum.squeeze(1), row_scale[rows], inv_t, out=d)
+        else:
+            weights = torch.cat((head_weight, tail_weight), 1).mul_(row_scale[rows, None])
+            careful = not factors_finite or bool(extreme.any())
+            chunk_grad = _student_gradient(d, q, torch.sub(q, p, out=p), rkl.squeeze(1), weights, inv_t, careful)
         chunk_grad[head_weight.squeeze(1).isnan()] = float("nan")  # invalid rows
         grad.view(n_rows, vocab).index_copy_(0, rows, chunk_grad.to(grad.dtype))
     return grad
@@ -335,6 +340,15 @@ def _chunk_losses(a, b, chunk, config, grad_scale) -> _ChunkResult:
         fkl = torch.where(p > 0, p * d, 0.0).sum(1)
         rkl = torch.where(q > 0, q * d, 0.0).sum(1).neg_()
 
+    # A divergence made of terms (TERMS): D = sum l_j, and h_j = q_j dD/dq_j for the gradient.
+    terms = _terms_of(config.mode)
+    divergence = h_sum = torch.zeros_like(fkl)
+    if terms is not None:
+        log_p, log_q = _log_probabilities(a, b, max_a, max_b, sum_a, sum_b, inv_t, chunk)
+        term, h = terms(p, q, log_p, log_q, config.mixture)
+        divergence, h_sum = term.sum(1), h.sum(1)
+        del term, log_p, log_q
+
     # Steps 3 and 4: the head/tail split and the gaps |p - q| over head and tail; weights from
     # them (AKL) or fixed. The split orders the teacher's mass while p is whole; then q - p
     # (for the gradient) takes p's buffer and |q - p| the scratch buffer.
@@ -349,22 +363,22 @@ def _chunk_losses(a, b, chunk, config, grad_scale) -> _ChunkResult:
         head_size = torch.zeros(fkl.shape, dtype=torch.int64, device=fkl.device)
         path = torch.zeros(fkl.shape, dtype=torch.int32, device=fkl.device)
     del p
-    if config.mode == LossMode.AKL:
+    kl_weights = BY_MODE[config.mode].kl_weights
+    if kl_weights is None:  # AKL
         total_gap = head_gap + tail_gap
         tied = total_gap == 0
         total_gap = torch.where(tied, 1.0, total_gap)
         head_weight = torch.where(tied, 0.5, head_gap / total_gap)
         tail_weight = torch.where(tied, 0.5, tail_gap / total_gap)
-    elif config.mode in FIXED_WEIGHTS:
-        head_weight, tail_weight = (torch.full_like(fkl, w) for w in FIXED_WEIGHTS[config.mode])
     else:
-        raise NotImplementedError(f"the torch backend does not compute loss mode {config.mode!r}")
+        head_weight, tail_weight = (torch.full_like(fkl, w) for w in kl_weights)
 
-    # Step 6: the loss; a divergence with weight 0 adds nothing, even when it is +inf.
+    # Step 6: the loss, w_head FKL + w_tail RKL + D; a divergence with weight 0 adds nothing,
+    # even when it is +inf.
     if extreme:
-        loss = _weighted(head_weight, fkl) + _weighted(tail_weight, rkl)
+        loss = _weighted(head_weight, fkl) + _weighted(tail_weight, rkl) + divergence
     else:
-        loss = head_weight * fkl + tail_weight * rkl
+        loss = head_weight * fkl + tail_weight * rkl + divergence
     stats = torch.stack((fkl, rkl, head_gap, tail_gap, head_weight, tail_weight))
     if any_invalid:  # NaN loss and statistics, head size 0 and no split path (as the Triton backend)
         loss[invalid] = float("nan")
@@ -372,15 +386,17 @@ def _chunk_losses(a, b, chunk, config, grad_scale) -> _ChunkResult:
         head_size = head_size.masked_fill(invalid, 0)
         path = path.masked_fill(invalid, 0)
     extreme_flags = fkl.new_zeros(fkl.shape[0], 1) if extreme_rows is None else extreme_rows[:, None].to(fkl.dtype)
-    state = torch.cat((max_a, max_b, sum_a, sum_b, stats[STATE_STATS].T, extreme_flags), 1)
+    state = torch.cat((max_a, max_b, sum_a, sum_b, stats[STATE_STATS].T, extreme_flags, h_sum[:, None]), 1)
 
     # Step 7, built in d's buffer.
     grad = None
-    if grad_scale is not None:
+    if grad_scale is not None and terms is not None:
+        grad = _terms_gradient(h, q, h_sum, grad_scale, inv_t, out=d)
+    elif grad_scale is not None:
         weights = torch.stack((head_weight, tail_weight), 1).mul_(grad_scale)
         grad = _student_gradient(d, q, q_minus_p, rkl, weights, inv_t, extreme)
-        if any_invalid:
-            grad[invalid] = float("nan")
+    if grad is not None and any_invalid:
+        grad[invalid] = float("nan")
     return _ChunkResult(loss, stats, head_size, grad, path, state)
 
 
@@ -428,6 +444,88 @@ def _probabilities(a, b, max_a, max_b, inv_t, chunk, outside, sums=None):
 def _weighted(weight, divergence):
     """weight * divergence, and 0 where the weight is 0 (even for an infinite divergence)."""
     return torch.where(weight == 0, 0.0, weight * divergence)
+
+
+def _log_probabilities(a, b, max_a, max_b, sum_a, sum_b, inv_t, chunk):
+    """(log p, log q), each (R, V) in the chunk's log_p and log_q buffers: (x - max) / T - log
+    sum, -inf outside the support (where a and b are -inf)."""
+    log_p = _shift(a, max_a, inv_t, chunk.log_p).sub_(sum_a.log())
+    log_q = _shift(b, max_b, inv_t, chunk.log_q).sub_(sum_b.log())
+    return log_p, log_q
+
+
+# The divergences made of terms (divergences.py): mode -> function (p, q, log p, log q, (w_p, w_q))
+# -> (l, h), both (R, V): the term l_j whose row sum is the divergence and h_j = q_j dD/dq_j,
+# from which _terms_gradient makes the gradient. p, q are 0 and their logs -inf outside the
+# support (and wherever a log-probability is beyond float32's range); every term is 0 there.
+
+
+def _mixture_log(log_p, log_q, mixture):
+    """log M, M = w_p p + w_q q, as the log-sum-exp of the two weighted log-probabilities."""
+    w_p, w_q = mixture
+    return torch.logaddexp(log_p + _log(w_p), log_q + _log(w_q))
+
+
+def _log(weight):
+    return NEG_INF if weight == 0 else math.log(weight)
+
+
+def _times_log_ratio(x, log_x, log_m):
+    """x (log x - log M), and 0 where x is 0 (the limit); M >= w x keeps the ratio bounded."""
+    return torch.where(x > 0, x * (log_x - log_m), 0.0)
+
+
+def _ratio(x, log_x, log_m):
+    """x / M, and 0 where x is 0."""
+    return torch.where(x > 0, (log_x - log_m).exp(), 0.0)
+
+
+def _jsd_terms(p, q, log_p, log_q, mixture):
+    # l = w_p p log(p / M) + w_q q log(q / M); dl/dq_j = w_q log(q_j / M_j) (the M terms cancel).
+    w_p, w_q = mixture
+    log_m = _mixture_log(log_p, log_q, mixture)
+    q_part = _times_log_ratio(q, log_q, log_m)
+    return _times_log_ratio(p, log_p, log_m).mul_(w_p).add_(q_part, alpha=w_q), q_part.mul_(w_q)
+
+
+def _tvd_terms(p, q, log_p, log_q, mixture):
+    # l = |p - q| / 2; dl/dq_j = sign(q_j - p_j) / 2, sign(0) = 0.
+    q_minus_p = q - p
+    return q_minus_p.abs().mul_(0.5), q_minus_p.sign_().mul_(q).mul_(0.5)
+
+
+def _skl_terms(p, q, log_p, log_q, mixture):
+    # l = p log(p / M); dl/dq_j = -w_q p_j / M_j.
+    log_m = _mixture_log(log_p, log_q, mixture)
+    return _times_log_ratio(p, log_p, log_m), _ratio(p, log_p, log_m).mul_(q).mul_(-mixture[1])
+
+
+def _srkl_terms(p, q, log_p, log_q, mixture):
+    # l = q log(q / M); dl/dq_j = log(q_j / M_j) + 1 - w_q q_j / M_j (the 1 cancels in the gradient).
+    log_m = _mixture_log(log_p, log_q, mixture)
+    term = _times_log_ratio(q, log_q, log_m)
+    return term, term - _ratio(q, log_q, log_m).mul_(q).mul_(mixture[1])
+
+
+TERMS = {LossMode.JSD: _jsd_terms, LossMode.TVD: _tvd_terms, LossMode.SKL: _skl_terms, LossMode.SRKL: _srkl_terms}
+
+
+def _terms_of(mode):
+    """TERMS[mode] for a divergence made of terms, None for the KL losses; NotImplementedError
+    for a mode this backend does not compute."""
+    family = BY_MODE.get(mode)
+    if family is None or (family.has_terms and mode not in TERMS):
+        raise NotImplementedError(f"the torch backend does not compute loss mode {mode!r}")
+    return TERMS[mode] if family.has_terms else None
+
+
+def _terms_gradient(h, q, h_sum, factor, inv_t, out):
+    """d(factor_i * D_i) / d s = factor_i (h - q H) / T (the softmax's Jacobian applied to
+    dD/dq), written into out and returned. h, q (R, V); h_sum (R,) H = sum_j h_j; factor a
+    0-dim tensor or (R,)."""
+    factor = (factor * inv_t).expand(h_sum.shape)[:, None]
+    grad = torch.mul(q, h_sum[:, None], out=out)
+    return torch.sub(h, grad, out=out).mul_(factor)
 
 
 def _student_gradient(d, q, q_minus_p, rkl, weights, inv_t, careful):

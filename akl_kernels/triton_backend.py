@@ -1,4 +1,4 @@
-"""The Triton backend: one kernel family for AKL, FKL and RKL, in five kernels over a row.
+"""The Triton backend: one kernel family for every loss of divergences.py, in six kernels over a row.
 
 The streaming kernels run a persistent grid whose programs take rows in turn and stream them
 block by block; a small per-row record carries each kernel's results to the next (docs/kernel.md
@@ -16,6 +16,8 @@ has the design, the traffic and the compiled code; README's "What it computes" t
            and tail; ties of the crossing value take the head in index order by a running rank,
            and a bracket's tokens are kept (value, gap) in a per-program buffer and placed once
            the pass has the mass above the bracket;
+  _terms_kernel  pass 2' (teacher and student; JSD, TVD, SKL, SRKL only): their divergence D and
+           the row constant H of their gradient, from the per-element terms of _divergence_terms;
   _loss_kernel  the weights, the loss and the statistics of each row (no row-long work);
   _gradient_kernel  pass 3 (teacher and student, write): the gradient with respect to the
            student logits, each row times its factor (grad_output and the reduction's), run by
@@ -23,7 +25,8 @@ has the design, the traffic and the compiled code; README's "What it computes" t
 
 So a row costs 7 units of memory traffic (a unit is one row of one tensor): 2 + 2 + 3, or 5 for
 FKL and RKL without statistics (no pass 2), plus one teacher-only unit per bracket pass for
-rows whose head holds at least TOPK tokens. Nothing vocabulary-sized is written except the
+rows whose head holds at least TOPK tokens; the divergences made of terms add their pass 2'
+(7 units without statistics). Nothing vocabulary-sized is written except the
 gradient. Offsets are int64; inputs are read in their own dtype (16-byte loads where rows are
 aligned) and upcast in registers to float32, or float64 for float64 inputs. The head/tail
 order is taken on the teacher's logits themselves (t, not t/T), so ties are exact ties. Logits
@@ -42,11 +45,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rows import TOPK, LossMode, RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
+from ._rows import TOPK, RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
+from .divergences import BY_MODE, LossMode
 
 MODE_AKL: tl.constexpr = tl.constexpr(int(LossMode.AKL))
 MODE_FKL: tl.constexpr = tl.constexpr(int(LossMode.FKL))
 MODE_RKL: tl.constexpr = tl.constexpr(int(LossMode.RKL))
+MODE_JSD: tl.constexpr = tl.constexpr(int(LossMode.JSD))
+MODE_TVD: tl.constexpr = tl.constexpr(int(LossMode.TVD))
+MODE_SKL: tl.constexpr = tl.constexpr(int(LossMode.SKL))
+MODE_SRKL: tl.constexpr = tl.constexpr(int(LossMode.SRKL))
+# The divergences made of terms are the modes from FIRST_TERMS_MODE to LAST_MODE (divergences.py
+# numbers them last); each has a branch in _divergence_terms.
+FIRST_TERMS_MODE: tl.constexpr = tl.constexpr(min(int(m) for m, d in BY_MODE.items() if d.has_terms))
+LAST_MODE: tl.constexpr = tl.constexpr(max(map(int, LossMode)))
+assert all(d.has_terms == (int(m) >= FIRST_TERMS_MODE.value) for m, d in BY_MODE.items()), (
+    "divergences.py must number the divergences made of terms after the KL losses"
+)
 
 LN2: tl.constexpr = tl.constexpr(math.log(2.0))
 
@@ -338,13 +353,23 @@ def _place_buffer(
 def _block_probabilities(teacher_row, student_row, cols, V, max_t, max_s, c, log2_z_a, log2_z_b,
                          COMPUTE_DTYPE: tl.constexpr):
     """t (-inf outside the support), p and q for one block once the normalisers are known."""
+    t, _, log2_p, log2_q = _block_log_probabilities(
+        teacher_row, student_row, cols, V, max_t, max_s, c, log2_z_a, log2_z_b, COMPUTE_DTYPE
+    )
+    return t, tl.exp2(log2_p), tl.exp2(log2_q)  # 0 outside the support
+
+
+@triton.jit
+def _block_log_probabilities(teacher_row, student_row, cols, V, max_t, max_s, c, log2_z_a, log2_z_b,
+                             COMPUTE_DTYPE: tl.constexpr):
+    """t (-inf outside the support), s (as loaded), log2 p and log2 q (-inf outside the support)
+    for one block once the normalisers are known."""
     t = _load(teacher_row, cols, V, COMPUTE_DTYPE)
     s = _load(student_row, cols, V, COMPUTE_DTYPE)
     support = (t > float("-inf")) & (s > float("-inf"))
-    t = tl.where(support, t, float("-inf"))
-    p = tl.exp2(_log2_prob(t, max_t, c, log2_z_a))  # 0 outside the support
-    q = tl.exp2(_log2_prob(tl.where(support, s, float("-inf")), max_s, c, log2_z_b))
-    return t, p, q
+    log2_p = tl.where(support, _log2_prob(t, max_t, c, log2_z_a), float("-inf"))
+    log2_q = tl.where(support, _log2_prob(s, max_s, c, log2_z_b), float("-inf"))
+    return tl.where(support, t, float("-inf")), s, log2_p, log2_q
 
 
 @triton.jit
@@ -414,9 +439,9 @@ def _gap_pass_with_bracket(
 
 # The per-row record that each kernel leaves for the next.
 # compute dtype: max t, max s, log2 Z_a, log2 Z_b, FKL, RKL, crossing (or the bracket's lo), hi,
-# head gap, tail gap, min t, head weight, tail weight. It is RowLosses.state: the gradient kernel
-# reads it in backward.
-ROW_VALUES: tl.constexpr = tl.constexpr(13)
+# head gap, tail gap, min t, head weight, tail weight, and for a divergence made of terms D and
+# H (_terms_kernel). It is RowLosses.state: the gradient kernel reads it in backward.
+ROW_VALUES: tl.constexpr = tl.constexpr(15)
 # int32: split path (PATH_* + 8 x bracket passes; -1 for an invalid row), ties in head, head size
 ROW_CODES: tl.constexpr = tl.constexpr(3)
 
@@ -428,7 +453,7 @@ def _row_statistics_kernel(
     student_row_offsets_ptr,  # *int64 [N] element offset of each student row
     teacher_row_offsets_ptr,  # *int64 [N] element offset of each teacher row
     keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
-    params_ptr,  # *compute dtype [3]: mu, 1 / T, log2(e) / T
+    params_ptr,  # *compute dtype [PARAMS]: mu, 1 / T, log2(e) / T, w_p, w_q, log2 w_p, log2 w_q
     row_values_ptr,  # *compute dtype [N, ROW_VALUES] written for kept rows: 0-5
     row_codes_ptr,  # *int32 [N, ROW_CODES] written for kept rows: (-1 if invalid else 0, student has -inf)
     row_top_ptr,  # *compute dtype [N, TOPK] written for kept rows when SPLIT
@@ -542,7 +567,7 @@ def _split_kernel(
     student_row_offsets_ptr,  # *int64 [N]
     teacher_row_offsets_ptr,  # *int64 [N]
     keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
-    params_ptr,  # *compute dtype [3]: mu, 1 / T, log2(e) / T
+    params_ptr,  # *compute dtype [PARAMS]: mu, 1 / T, log2(e) / T, w_p, w_q, log2 w_p, log2 w_q
     row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 0-3, writes 6-7
     row_codes_ptr,  # *int32 [N, ROW_CODES]: reads (invalid, student has -inf), writes (path, ties in head)
     row_top_ptr,  # *compute dtype [N, TOPK] the largest teacher logits of each row
@@ -692,7 +717,7 @@ def _gap_kernel(
     student_row_offsets_ptr,  # *int64 [N]
     teacher_row_offsets_ptr,  # *int64 [N]
     keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
-    params_ptr,  # *compute dtype [3]: mu, 1 / T, log2(e) / T
+    params_ptr,  # *compute dtype [PARAMS]: mu, 1 / T, log2(e) / T, w_p, w_q, log2 w_p, log2 w_q
     row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 0-3 and 6-7, writes 8-9
     row_codes_ptr,  # *int32 [N, ROW_CODES]: reads (path, ties in head), writes the head size
     buffer_ptr,  # *compute dtype [programs, CAPACITY, 2] a bracket's (teacher logit, |p - q|), in index order (scratch)
@@ -759,7 +784,97 @@ def _gap_kernel(
 @triton.jit
 def _check_mode(MODE: tl.constexpr):
     """A compile-time error for a loss mode that the kernels' branches do not compute."""
-    tl.static_assert((MODE == MODE_AKL) | (MODE == MODE_FKL) | (MODE == MODE_RKL), "unknown loss mode")
+    tl.static_assert((MODE >= MODE_AKL) & (MODE <= LAST_MODE), "unknown loss mode")
+
+
+@triton.jit
+def _divergence_terms(log2_p, log2_q, params_ptr, MODE: tl.constexpr):
+    """The divergences made of terms (akl_kernels/divergences.py), per element: (l, h), l the
+    term whose row sum is the divergence D, h = q dD/dq, from which the gradient is
+    (h - q sum h) / T. log2 p and log2 q are -inf outside the support, where l = h = 0.
+
+    M = w_p p + w_q q (params 3-6: w_p, w_q and their log2) is taken as a log-sum-exp of the
+    weighted log-probabilities, and a term whose probability is 0 is 0 (its limit).
+    """
+    p = tl.exp2(log2_p)
+    q = tl.exp2(log2_q)
+    if MODE == MODE_TVD:
+        # l = |p - q| / 2; dl/dq = sign(q - p) / 2 with sign(0) = 0.
+        sign = tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+        return 0.5 * tl.abs(p - q), 0.5 * q * sign
+    else:
+        w_p = tl.load(params_ptr + 3)
+        w_q = tl.load(params_ptr + 4)
+        x = tl.load(params_ptr + 5) + log2_p
+        y = tl.load(params_ptr + 6) + log2_q
+        top = tl.maximum(x, y)
+        safe_top = tl.where(top > float("-inf"), top, 0.0)
+        log2_m = safe_top + tl.log2(tl.exp2(x - safe_top) + tl.exp2(y - safe_top))
+        # p ln(p / M) and q ln(q / M), bounded (M >= w p): 0 where the probability is 0.
+        p_part = tl.where(p > 0, p * (LN2 * (log2_p - log2_m)), 0.0)
+        q_part = tl.where(q > 0, q * (LN2 * (log2_q - log2_m)), 0.0)
+        if MODE == MODE_JSD:
+            # l = w_p p ln(p/M) + w_q q ln(q/M); dl/dq = w_q ln(q/M) (the M terms cancel).
+            return w_p * p_part + w_q * q_part, w_q * q_part
+        elif MODE == MODE_SKL:
+            # l = p ln(p/M); dl/dq = -w_q p / M.
+            return p_part, -w_q * q * tl.where(p > 0, tl.exp2(log2_p - log2_m), 0.0)
+        else:
+            tl.static_assert(MODE == MODE_SRKL, "not a divergence made of terms")
+            # l = q ln(q/M); dl/dq = ln(q/M) + 1 - w_q q / M (the 1 cancels in the gradient).
+            return q_part, q_part - w_q * q * tl.where(q > 0, tl.exp2(log2_q - log2_m), 0.0)
+
+
+@triton.jit
+def _terms_kernel(
+    student_ptr,  # *{fp16,bf16,fp32,fp64} student logits, as for _row_statistics_kernel
+    teacher_ptr,  # *{fp16,bf16,fp32,fp64} teacher logits
+    student_row_offsets_ptr,  # *int64 [N]
+    teacher_row_offsets_ptr,  # *int64 [N]
+    keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
+    params_ptr,  # *compute dtype [PARAMS]: mu, 1 / T, log2(e) / T, w_p, w_q, log2 w_p, log2 w_q
+    row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 0-3, writes 13-14
+    row_codes_ptr,  # *int32 [N, ROW_CODES]: reads the path (-1: invalid)
+    n_rows,
+    V,
+    MODE: tl.constexpr,  # a divergence made of terms (FIRST_TERMS_MODE and after)
+    HAS_KEEP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    STUDENT_ALIGN: tl.constexpr,
+    TEACHER_ALIGN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Pass 2' of each kept, valid row, for the divergences made of terms: D = sum l and
+    H = sum h (_divergence_terms), once pass 1 has the normalisers."""
+    _check_mode(MODE)
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
+    row = program.to(tl.int64)
+    while row < n_rows:
+        keep = _is_kept(keep_ptr, row, HAS_KEEP)
+        if keep:
+            keep = tl.load(row_codes_ptr + row * ROW_CODES) >= 0
+        if keep:
+            c = tl.load(params_ptr + 2)
+            student_row, teacher_row = _row_pointers(
+                student_ptr, teacher_ptr, student_row_offsets_ptr, teacher_row_offsets_ptr, row,
+                STUDENT_ALIGN, TEACHER_ALIGN,
+            )
+            values = row_values_ptr + row * ROW_VALUES
+            max_t, max_s, log2_z_a, log2_z_b = _normalisers(values)
+            divergence = tl.zeros([BLOCK // 4], COMPUTE_DTYPE)
+            h_sum = tl.zeros([BLOCK // 4], COMPUTE_DTYPE)
+            for start in range(0, V, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                _, _, log2_p, log2_q = _block_log_probabilities(
+                    teacher_row, student_row, cols, V, max_t, max_s, c, log2_z_a, log2_z_b, COMPUTE_DTYPE
+                )
+                term, h = _divergence_terms(log2_p, log2_q, params_ptr, MODE)
+                divergence += _lane_sum(term, BLOCK)
+                h_sum += _lane_sum(h, BLOCK)
+            tl.store(values + 13, tl.sum(divergence, 0))
+            tl.store(values + 14, tl.sum(h_sum, 0))
+        row += programs
 
 
 @triton.jit
@@ -771,14 +886,14 @@ def _weighted(weight, divergence):
 @triton.jit
 def _loss_kernel(
     keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
-    row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 4-5, and 8-9 when SPLIT; writes 11-12
+    row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 4-5, 8-9 when SPLIT, 13 for FIRST_TERMS_MODE and after; writes 11-12
     row_codes_ptr,  # *int32 [N, ROW_CODES]: reads the path (-1: invalid), and the head size when SPLIT
     loss_ptr,  # *compute dtype [N] per-row loss
     stats_ptr,  # *compute dtype [6, N] fkl, rkl, head_gap, tail_gap, head_weight, tail_weight
     head_size_ptr,  # *int64 [N] number of head tokens
     split_path_ptr,  # *int32 [N] how the split was found: PATH_* + 8 x bracket passes
     n_rows,
-    MODE: tl.constexpr,  # MODE_AKL, MODE_FKL or MODE_RKL
+    MODE: tl.constexpr,  # a LossMode
     SPLIT: tl.constexpr,
     HAS_KEEP: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -816,11 +931,16 @@ def _loss_kernel(
     elif MODE == MODE_FKL:
         head_weight = zero + 1.0
         tail_weight = zero
-    else:
+    elif MODE == MODE_RKL:
         head_weight = zero
         tail_weight = zero + 1.0
-    # A divergence with weight 0 adds nothing, even when it is +inf.
+    else:  # a divergence made of terms weights neither
+        head_weight = zero
+        tail_weight = zero
+    # w_head FKL + w_tail RKL + D: a divergence with weight 0 adds nothing, even when it is +inf.
     loss = _weighted(head_weight, fkl) + _weighted(tail_weight, rkl)
+    if MODE >= FIRST_TERMS_MODE:
+        loss += tl.load(values + 13, mask=keep & ~invalid, other=0.0)
     # Invalid rows (NaN, +inf, empty support): NaN loss and statistics, head size 0, no path.
     # Ignored rows: all 0.
     nan = zero + float("nan")
@@ -854,13 +974,13 @@ def _gradient_kernel(
     teacher_row_offsets_ptr,  # *int64 [N]
     keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
     grad_ptr,  # *student dtype [N, V] contiguous gradient
-    params_ptr,  # *compute dtype [3]: mu, 1 / T, log2(e) / T
-    row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 0-3, 5 and 11-12
+    params_ptr,  # *compute dtype [PARAMS]: mu, 1 / T, log2(e) / T, w_p, w_q, log2 w_p, log2 w_q
+    row_values_ptr,  # *compute dtype [N, ROW_VALUES]: reads 0-3, 5, 11-12, and 14 for FIRST_TERMS_MODE and after
     row_scale_ptr,  # *compute dtype: row i's factor (grad_output times the reduction's) at i * row_scale_stride
     row_scale_stride,  # 0 when every row has the same factor
     n_rows,
     V,
-    MODE: tl.constexpr,  # MODE_AKL, MODE_FKL or MODE_RKL
+    MODE: tl.constexpr,  # a LossMode
     HAS_KEEP: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     STUDENT_ALIGN: tl.constexpr,
@@ -891,7 +1011,11 @@ def _gradient_kernel(
             head_factor = head_weight * row_scale
             tail_factor = tail_weight * row_scale
             invalid = head_weight != head_weight
+            h_sum = tl.zeros([], COMPUTE_DTYPE)
+            if MODE >= FIRST_TERMS_MODE:
+                h_sum = tl.load(values + 14)  # H
             # ---- d loss / d s_j = (1/T) [w_h (q - p) + w_t q (log q - log p - RKL)] ----
+            # ---- or, for a divergence made of terms, (1/T) (h_j - q_j H) ----
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 t = _load(teacher_row, cols, V, COMPUTE_DTYPE)
@@ -900,7 +1024,12 @@ def _gradient_kernel(
                 log2_q = _log2_prob(s, max_s, c, log2_z_b)
                 q = tl.exp2(log2_q)
                 g = tl.zeros([BLOCK], COMPUTE_DTYPE)
-                if MODE != MODE_FKL:
+                if MODE >= FIRST_TERMS_MODE:
+                    support = (t > float("-inf")) & (s > float("-inf"))
+                    log2_q = tl.where(support, log2_q, float("-inf"))
+                    _, h = _divergence_terms(tl.where(support, log2_p, float("-inf")), log2_q, params_ptr, MODE)
+                    g = row_scale * (h - tl.exp2(log2_q) * h_sum)
+                elif MODE != MODE_FKL:
                     # q (log q - log p - RKL) = -q (d + RKL) with d = log p - log q. Its limits:
                     # 0 where q (times the factor) is 0, whatever d; 0 for d + RKL = -inf + inf
                     # (a ratio as infinite as the divergence it belongs to).
@@ -908,7 +1037,7 @@ def _gradient_kernel(
                     d_plus_rkl = tl.where(d == -rkl, 0.0, d + rkl)
                     weighted_q = tail_factor * q
                     g = -tl.where(weighted_q == 0, 0.0, weighted_q * d_plus_rkl)
-                if MODE != MODE_RKL:
+                if (MODE == MODE_AKL) | (MODE == MODE_FKL):
                     g += head_factor * (q - tl.exp2(log2_p))
                 # 1/T last (no factor overflows before); 0 outside the support; NaN for invalid rows.
                 g = tl.where((t > float("-inf")) & (s > float("-inf")), g * inv_t, 0.0)
@@ -962,10 +1091,13 @@ def _program_slots(device: torch.device) -> int:
 
 
 def _params(config, dtype, device):
-    """The kernels' runtime scalars (mu, 1 / T, log2(e) / T) as one tensor of the compute dtype,
-    each rounded once from float64."""
+    """The kernels' runtime scalars (mu, 1 / T, log2(e) / T, and the mixture's w_p, w_q, log2 w_p,
+    log2 w_q) as one tensor of the compute dtype, each rounded once from float64."""
+    w_p, w_q = config.mixture
+    log2_weights = [math.log2(w) if w > 0 else float("-inf") for w in (w_p, w_q)]
     return torch.tensor(
-        [config.mu, 1.0 / config.temperature, math.log2(math.e) / config.temperature], dtype=dtype, device=device
+        [config.mu, 1.0 / config.temperature, math.log2(math.e) / config.temperature, w_p, w_q, *log2_weights],
+        dtype=dtype, device=device,
     )
 
 
@@ -997,6 +1129,14 @@ def _launch(student, teacher, keep, config) -> _Launch:
             num_warps=num_warps(block), maxnreg=MAX_REGISTERS,
         ),
     )
+
+
+def _family(mode):
+    """The Divergence of a loss mode; NotImplementedError for a mode the kernels do not compute
+    (which _check_mode would also refuse at compile time)."""
+    if mode not in BY_MODE:
+        raise NotImplementedError(f"the Triton backend does not compute loss mode {mode!r}")
+    return BY_MODE[mode]
 
 
 def _vocabulary_contiguous(x):
@@ -1057,6 +1197,11 @@ def triton_row_losses(
                 *plan.rows, plan.params, row_values, row_codes, buffer, n_rows, vocab, BRACKET=bracket, BLOCK=block,
                 SCAN_BLOCK=SCAN_BLOCK, CAPACITY=CAPACITY, **common,
             )
+    if _family(config.mode).has_terms:
+        _terms_kernel[(programs,)](
+            *plan.rows, plan.params, row_values, row_codes, n_rows, vocab, MODE=int(config.mode), BLOCK=block,
+            **common,
+        )
     _loss_kernel[(triton.cdiv(n_rows, LOSS_ROWS),)](
         keep, row_values, row_codes, loss, stats, head_size, split_path, n_rows,
         MODE=int(config.mode), SPLIT=config.split, HAS_KEEP=keep is not None, COMPUTE_DTYPE=common["COMPUTE_DTYPE"],

@@ -27,6 +27,7 @@ from benchmarks import results
 from benchmarks.contenders import (
     COMPILED_REFERENCE,
     CONTENDERS,
+    FAMILY,
     LINEAR_CONTENDERS,
     Contender,
     Unavailable,
@@ -70,8 +71,10 @@ def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         device = _device(metafunc.config)
         cases = [(shape, c) for shape in shapes_for(device) for c in contenders_for(shape)]
-        if device.type == "cuda":  # the compiled reference last (stable: the shapes keep their order)
-            cases.sort(key=lambda case: case[1].name == COMPILED_REFERENCE)
+        if device.type == "cuda":
+            # the KL losses and their peers first, then the rest of the family and its peers, the
+            # compiled reference last (stable: the shapes keep their order within each group)
+            cases.sort(key=lambda case: (case[1].name == COMPILED_REFERENCE, case[1].computes in FAMILY))
         metafunc.parametrize("case", cases, ids=[f"{s.label}-{c.name}" for s, c in cases])
 
 
@@ -136,7 +139,8 @@ class BenchSession:
         return self.time_budget is not None and time.monotonic() - self.started > self.time_budget
 
     def record(self, shape: Shape | LinearShape, contender: Contender, **figures):
-        entry = {"contender": contender.name, "role": contender.role, "label": shape.label, "rows": shape.rows,
+        entry = {"contender": contender.name, "role": contender.role, "computes": contender.computes,
+                 "label": shape.label, "rows": shape.rows,
                  "hidden": shape.hidden, "vocab": shape.vocab, "dtype": shape.dtype_name,
                  "temperature": getattr(shape, "temperature", None), "source": getattr(shape, "source", None),
                  "split_paths": None,

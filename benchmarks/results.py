@@ -19,6 +19,7 @@ from benchmarks.contenders import FUSED_LINEAR, MATERIALISED_LINEAR
 from benchmarks.workloads import FUSED_LINEAR_MEMORY_TARGET, CPU_TARGET, SPLIT_PRICE_TARGET
 
 OURS = "akl_loss"
+KL_LOSSES = ("akl", "fkl", "rkl")
 MIB = 2**20
 GPU_BANDWIDTH_TARGET = 0.7
 GPU_TARGET_MIN_ELEMENTS = 2**30
@@ -112,6 +113,7 @@ def markdown_report(data, plot_name=None) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", *spec_summary(data)]
     lines += split_price_summary(data)
+    lines += family_summary(data)
     lines += _fused_linear_report(records)
     if skipped:
         lines += ["", "Skipped (contender, shape: reason):", ""]
@@ -203,7 +205,9 @@ def spec_summary(data) -> list[str]:
     for (name, *key), r in measured.items():
         if name != OURS or r["rows"] * r["vocab"] < GPU_TARGET_MIN_ELEMENTS:
             continue
-        peers = [p for (_, *k), p in measured.items() if p["role"] == "peer" and k == key]
+        # peers of the KL losses (those of the other divergences are in family_summary)
+        peers = [p for (_, *k), p in measured.items()
+                 if p["role"] == "peer" and k == key and p.get("computes", "akl") in KL_LOSSES]
         best = min(peers, key=lambda p: p["fwd_bwd_s"], default=None)
         fraction = r["copy_bandwidth_fraction"]
         bandwidth = ("copy bandwidth not measured" if fraction is None else
@@ -235,6 +239,31 @@ def split_price_summary(data) -> list[str]:
     return ["", f"Split price (docs/semantics.md section 5: akl_loss forward+backward at most {SPLIT_PRICE_TARGET}x fkl_loss's), "
             "with the share of rows that took each path of the head/tail split:", "",
             "| shape | akl_loss ms | fkl_loss ms | akl / fkl | split paths |", "|---|---:|---:|---:|---|", *lines]
+
+
+def family_summary(data) -> list[str]:
+    """The loss family per logits workload: each of our losses' forward+backward time over
+    fkl_loss's, and where a peer computes the same divergence (Liger's JSD and TVD, on a GPU),
+    the peer's time over ours."""
+    measured = [r for r in data["results"] if r["status"] == "measured" and r.get("hidden") is None]
+    by_key = {(r["contender"], *_shape_key(r)): r for r in measured}
+    lines = []
+    for r in measured:
+        fkl = by_key.get(("fkl_loss", *_shape_key(r)))
+        if r["role"] != "ours" or r.get("computes") in (None, *KL_LOSSES) or fkl is None:
+            continue
+        peers = [p for p in measured if p["role"] == "peer" and p.get("computes") == r["computes"]
+                 and _shape_key(p) == _shape_key(r)]
+        best = min(peers, key=lambda p: p["fwd_bwd_s"], default=None)
+        peer = (f"{best['contender']} | {_fmt(best['fwd_bwd_s'], 1e3)} | {best['fwd_bwd_s'] / r['fwd_bwd_s']:.2f}x"
+                if best else "none measured | | ")
+        lines.append(f"| {_shape_text(r)} | {r['computes']} | {_fmt(r['fwd_bwd_s'], 1e3)} | "
+                     f"{r['fwd_bwd_s'] / fkl['fwd_bwd_s']:.2f}x | {peer} |")
+    if not lines:
+        return []
+    return ["", "The rest of the loss family (distillation_loss; forward+backward):", "",
+            "| shape | loss | ours ms | ours / fkl_loss | peer | peer ms | peer / ours |",
+            "|---|---|---:|---:|---|---:|---:|", *lines]
 
 
 def _plot(data, path: Path) -> None:

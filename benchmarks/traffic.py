@@ -36,7 +36,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
-from akl_kernels._rows import LossMode, RowLossConfig  # noqa: E402
+from akl_kernels._dispatch import row_config  # noqa: E402
+from akl_kernels.divergences import BY_MODE, LossMode  # noqa: E402
 from akl_kernels.triton_backend import split_path_name, triton_row_losses  # noqa: E402
 from benchmarks.workloads import real_rows, realistic_logits  # noqa: E402
 
@@ -112,11 +113,12 @@ class RowTraffic:
 
 
 def count_rows(student, teacher, *, mode=LossMode.AKL, mu=0.5, temperature=1.0, keep=None) -> RowTraffic:
-    """Run the Triton backend once (loss and gradient; AKL's statistics come with its split) on
-    2-D CPU logits and count its traffic."""
+    """Run the Triton backend once (loss and gradient, no statistics but AKL's split; a loss's
+    parameter at its default) on 2-D CPU logits and count its traffic."""
     n_rows, vocab = student.shape
     grad = torch.empty_like(student)
-    config = RowLossConfig(mode=mode, mu=mu, temperature=temperature, split=mode == LossMode.AKL)
+    family = BY_MODE[mode]
+    config = row_config(family, family.default or 0.0, mu, temperature, return_stats=False)
     counter = TrafficCounter({"teacher": teacher, "student": student, "gradient": grad})
     with counter.active():
         rows = triton_row_losses(student, teacher, keep, torch.ones((), dtype=torch.float32), config, True, grad)
@@ -135,7 +137,8 @@ def count_rows(student, teacher, *, mode=LossMode.AKL, mu=0.5, temperature=1.0, 
 
 # Units per kept row the kernels must not exceed (tests/test_traffic.py): 7 for loss, statistics
 # and gradient (passes of 2 + 2 + 3 units), one teacher-only unit more where the head holds at least
-# TOPK tokens (a bracket pass), and 5 for FKL and RKL without statistics (no gap pass).
+# TOPK tokens (a bracket pass), 5 for FKL and RKL without statistics (no gap pass), and 7 for the
+# divergences made of terms without statistics (pass 1, the terms pass, the gradient pass).
 SPLIT_TARGET, BRACKET_TARGET, NO_SPLIT_TARGET = 7.0, 8.0, 5.0
 
 
@@ -206,6 +209,8 @@ CLASSES = [
     InputClass("integer ties fp32 (6 values)", _integer_ties, default_rows=4),
     InputClass("fkl_loss, LM-like bf16, T=1", _lm(torch.bfloat16), mode=LossMode.FKL, target=NO_SPLIT_TARGET),
     InputClass("rkl_loss, LM-like bf16, T=1", _lm(torch.bfloat16), mode=LossMode.RKL, target=NO_SPLIT_TARGET),
+    InputClass("jsd, LM-like bf16, T=1", _lm(torch.bfloat16), mode=LossMode.JSD, target=SPLIT_TARGET),
+    InputClass("tvd, LM-like bf16, T=1", _lm(torch.bfloat16), mode=LossMode.TVD, target=SPLIT_TARGET),
 ]
 
 

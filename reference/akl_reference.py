@@ -11,14 +11,17 @@ float64; tests pass float64 copies of their inputs to get the exact oracle.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 NEG_INF = float("-inf")
-MODES = ("akl", "fkl", "rkl")
+KL_MODES = ("akl", "fkl", "rkl")
+MODES = KL_MODES + ("jsd", "tvd", "skl", "srkl")
 
 
 def reference_row_losses(
-    student_logits, teacher_logits, *, mu=0.5, temperature=1.0, mode="akl", head_size=None
+    student_logits, teacher_logits, *, mu=0.5, temperature=1.0, mode="akl", beta=0.5, alpha=0.1, head_size=None
 ):
     """Per-row loss and diagnostics for 2-D logits.
 
@@ -27,7 +30,9 @@ def reference_row_losses(
         teacher_logits: (N, V) floating tensor; treated as a constant.
         mu: head mass, 0 < mu <= 1 (used for the head/tail statistics in every mode).
         temperature: T > 0; logits are divided by it.
-        mode: "akl" (gap-weighted), "fkl" (weights fixed to (1, 0)) or "rkl" ((0, 1)).
+        mode: "akl" (gap-weighted), "fkl" (weights fixed to (1, 0)), "rkl" ((0, 1)), or one of
+            the divergences of section 2, rules 26-29: "jsd" (beta), "tvd", "skl", "srkl" (alpha).
+        beta, alpha: their parameters (the others ignore them).
         head_size: optional (N,) integer tensor that replaces the mu rule by "the first
             head_size tokens of the order are the head"; tests use it to evaluate the other
             decision that docs/semantics.md allows where a running mass lies within rounding of mu.
@@ -82,16 +87,19 @@ def reference_row_losses(
         tied = total_gap == 0
         head_weight = torch.where(tied, 0.5, head_gap / torch.where(tied, 1.0, total_gap))
         tail_weight = torch.where(tied, 0.5, tail_gap / torch.where(tied, 1.0, total_gap))
-    else:
+    else:  # fixed: (1, 0) for FKL, (0, 1) for RKL, (0, 0) for the divergences that are neither
         head_weight = torch.full_like(head_gap, 1.0 if mode == "fkl" else 0.0)
-        tail_weight = 1.0 - head_weight
+        tail_weight = torch.full_like(head_gap, 1.0 if mode == "rkl" else 0.0)
 
     # Step 5: true KL divergences.
     fkl = (p * (log_p - log_q)).sum(-1)
     rkl = (q * (log_q - log_p)).sum(-1)
 
     # Step 6: the per-row loss.
-    loss = head_weight * fkl + tail_weight * rkl
+    if mode in KL_MODES:
+        loss = head_weight * fkl + tail_weight * rkl
+    else:
+        loss = _other_divergence(mode, p, q, log_p, log_q, beta, alpha)
     loss = torch.where(invalid, float("nan"), loss)
 
     # Invalid rows: NaN statistics and head size 0.
@@ -106,6 +114,31 @@ def reference_row_losses(
     stats = {name: torch.where(invalid, float("nan"), value) for name, value in stats.items()}
     stats["head_size"] = torch.where(invalid, 0, head.sum(-1))
     return loss, stats
+
+
+def _other_divergence(mode, p, q, log_p, log_q, beta, alpha):
+    """(N,) the divergences of section 2, rules 26-29, from p, q and their logs (0 off the support)."""
+    if mode == "tvd":  # rule 27; autograd's derivative of |x| at 0 is 0, as the rule asks
+        return 0.5 * (p - q).abs().sum(-1)
+    if mode == "jsd":  # rule 26: beta KL(p||M) + (1 - beta) KL(q||M), M = beta p + (1 - beta) q
+        w_p, w_q = beta, 1.0 - beta
+    elif mode == "skl":  # rule 28: KL(p||M), M = alpha p + (1 - alpha) q
+        w_p, w_q = alpha, 1.0 - alpha
+    elif mode == "srkl":  # rule 29: KL(q||M), M = (1 - alpha) p + alpha q
+        w_p, w_q = 1.0 - alpha, alpha
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    # log M as the log-sum-exp of the two weighted log-probabilities (a weight of 0 drops its term).
+    log_m = torch.logsumexp(torch.stack((log_p + _log(w_p), log_q + _log(w_q))), 0)
+    kl_p_m = torch.where(p > 0, p * (log_p - log_m), 0.0).sum(-1)
+    kl_q_m = torch.where(q > 0, q * (log_q - log_m), 0.0).sum(-1)
+    if mode == "jsd":
+        return beta * kl_p_m + (1.0 - beta) * kl_q_m
+    return kl_p_m if mode == "skl" else kl_q_m
+
+
+def _log(weight):
+    return float("-inf") if weight == 0 else math.log(weight)
 
 
 def _order_and_running_mass(a, support, p):
@@ -144,6 +177,8 @@ def reference_loss(
     ignore_index=-100,
     reduction="mean",
     mode="akl",
+    beta=0.5,
+    alpha=0.1,
 ):
     """docs/semantics.md section 2 with reductions, for logits of shape (..., V).
 
@@ -166,7 +201,7 @@ def reference_loss(
         kept = torch.tensor(kept_list, dtype=torch.int64, device=student_rows.device)
 
     kept_loss, kept_stats = reference_row_losses(
-        student_rows[kept], teacher_rows[kept], mu=mu, temperature=temperature, mode=mode
+        student_rows[kept], teacher_rows[kept], mu=mu, temperature=temperature, mode=mode, beta=beta, alpha=alpha
     )
     row_loss = kept_loss.new_zeros(student_rows.shape[0]).index_put((kept,), kept_loss)
     stats = {

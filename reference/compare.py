@@ -36,21 +36,27 @@ def tolerances(student_dtype, compute_dtype, temperature=1.0):
     return value, grad
 
 
-def reference_rows(mode, student, teacher, *, mu, temperature, head_size=None):
-    """Float64 reference for every row (no labels): loss (N,), stats dict, gradient (N, V)."""
+def reference_rows(mode, student, teacher, *, mu, temperature, head_size=None, parameters=None):
+    """Float64 reference for every row (no labels): loss (N,), stats dict, gradient (N, V).
+    parameters: the loss's beta or alpha as a dict ({} or None for its default)."""
     vocab = student.shape[-1]
     s = student.detach().double().reshape(-1, vocab).requires_grad_(True)
     t = teacher.detach().double().reshape(-1, vocab)
-    loss, stats = reference_row_losses(s, t, mu=mu, temperature=temperature, mode=mode, head_size=head_size)
+    loss, stats = reference_row_losses(
+        s, t, mu=mu, temperature=temperature, mode=mode, head_size=head_size, **(parameters or {})
+    )
     finite = torch.where(loss.isfinite(), loss, 0.0)
     (grad,) = torch.autograd.grad(finite.sum(), s)
     return loss.detach(), stats, grad
 
 
 def assert_rows_match_reference(
-    mode, student, teacher, loss, stats, grad, *, mu=0.5, temperature=1.0, labels=None, ignore_index=-100
+    mode, student, teacher, loss, stats, grad, *, mu=0.5, temperature=1.0, labels=None, ignore_index=-100,
+    parameters=None,
 ):
-    """Check given per-row results (loss, AKLStats, gradient of the row sum) against the reference."""
+    """Check given per-row results (loss, AKLStats, gradient of the row sum) against the reference.
+
+    mu: the split of the statistics (and of AKL); parameters: the loss's beta or alpha, as a dict."""
     vocab = student.shape[-1]
     loss = loss.reshape(-1)
     grad = grad.reshape(-1, vocab)
@@ -62,13 +68,12 @@ def assert_rows_match_reference(
     compute = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     (value_rtol, value_atol), (grad_rtol, grad_atol) = tolerances(student.dtype, compute, temperature)
     eps = 1e-9 if compute == torch.float64 else 1e-4
-    stats_mu = mu if mode == "akl" else 0.5  # fkl_loss / rkl_loss split at 0.5 for statistics
     lowest, highest = head_size_bounds(
-        student.reshape(-1, vocab), teacher.reshape(-1, vocab), mu=stats_mu, temperature=temperature, tolerance=eps
+        student.reshape(-1, vocab), teacher.reshape(-1, vocab), mu=mu, temperature=temperature, tolerance=eps
     )
     head_size = torch.minimum(torch.maximum(ours_stats["head_size"], lowest), highest)
     ref_loss, ref_stats, ref_grad = reference_rows(
-        mode, student, teacher, mu=stats_mu, temperature=temperature, head_size=head_size
+        mode, student, teacher, mu=mu, temperature=temperature, head_size=head_size, parameters=parameters
     )
 
     for row in range(loss.numel()):

@@ -26,7 +26,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from akl_kernels._rows import TOPK, LossMode
+from akl_kernels._rows import TOPK
+from akl_kernels.divergences import BY_MODE, LossMode
 from akl_kernels.triton_backend import (
     CAPACITY,
     LOSS_ROWS,
@@ -38,6 +39,7 @@ from akl_kernels.triton_backend import (
     _loss_kernel,
     _row_statistics_kernel,
     _split_kernel,
+    _terms_kernel,
     block_size,
     num_warps,
     search_block_size,
@@ -66,13 +68,15 @@ AMPERE_VARIANTS = [
     ("fp32", "fp32", LossMode.AKL, True, True, True),
     ("fp16", "fp16", LossMode.FKL, False, True, True),
     ("bf16", "bf16", LossMode.RKL, False, True, True),
+    ("bf16", "bf16", LossMode.JSD, False, True, True),
 ]
 VARIANTS = [(90, v) for v in HOPPER_VARIANTS] + [(80, v) for v in AMPERE_VARIANTS]
 
 
 def compile_kernels(student, teacher, mode, split, compute_grad, has_keep, capability):
     """{kernel name: compiled kernel} for the kernels of one variant (split and gap kernels only
-    when split, the gradient kernel only with compute_grad)."""
+    when split, the terms kernel only for a divergence made of terms, the gradient kernel only
+    with compute_grad)."""
     compute = "fp64" if "fp64" in (student, teacher) else "fp32"
     block = block_size(LARGE_VOCAB)
     rows = {
@@ -111,6 +115,13 @@ def compile_kernels(student, teacher, mode, split, compute_grad, has_keep, capab
                 {**common, "BRACKET": bracket, "BLOCK": block, "SCAN_BLOCK": SCAN_BLOCK, "CAPACITY": CAPACITY},
                 streaming,
             ))
+    if BY_MODE[mode].has_terms:
+        kernels.append((
+            _terms_kernel,
+            {**rows, **record, "n_rows": "i32", "V": "i32"},
+            {**common, "MODE": int(mode), "BLOCK": block},
+            streaming,
+        ))
     kernels.append((
         _loss_kernel,
         {"keep_ptr": "*i1", "row_values_ptr": f"*{compute}", "row_codes_ptr": "*i32", "loss_ptr": f"*{compute}",

@@ -255,7 +255,7 @@ def test_module():
     akl = FusedLinearAKLLoss(mu=0.3)(**inputs)
     assert akl == fused_linear_akl_loss(**inputs, mu=0.3)
     with pytest.raises(ValueError, match="loss must be one of"):
-        FusedLinearAKLLoss(loss="jsd")
+        FusedLinearAKLLoss(loss="kl")
     with pytest.raises(ValueError, match="chunk_size must be"):
         FusedLinearAKLLoss(chunk_size=0)
     assert isinstance(AKLLoss(), torch.nn.Module)

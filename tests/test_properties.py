@@ -1,6 +1,6 @@
 """Property-based comparison of both backends with the reference (hypothesis).
 
-Shapes, mu, temperature, logit distributions (Gaussian at several scales, or integers with many
+Losses of the family (and their beta / alpha), shapes, mu, temperature, logit distributions (Gaussian at several scales, or integers with many
 ties) and -inf masks in either input are drawn at random; every row must match the reference
 (up to the head/tail ambiguity that docs/semantics.md allows within rounding of mu, see tests/compare.py).
 """
@@ -9,6 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from akl_kernels import LOSSES
+from akl_kernels.divergences import DIVERGENCES
 from tests.compare import assert_matches_reference
 
 cases = st.fixed_dictionaries(
@@ -21,7 +23,8 @@ cases = st.fixed_dictionaries(
         "scale": st.sampled_from([0.3, 1.0, 5.0]),
         "teacher_mask": st.floats(0.0, 0.6),
         "student_mask": st.floats(0.0, 0.3),
-        "mode": st.sampled_from(["akl", "akl", "fkl", "rkl"]),
+        "mode": st.sampled_from(["akl", "akl", *LOSSES]),
+        "parameter": st.floats(0.05, 0.95),  # beta or alpha, for the losses that take one
         "seed": st.integers(0, 2**31 - 1),
     }
 )
@@ -49,8 +52,10 @@ def build(case):
 
 def check(case, backend):
     student, teacher = build(case)
+    parameter = DIVERGENCES[case["mode"]].parameter
     assert_matches_reference(
-        case["mode"], student, teacher, backend, mu=case["mu"], temperature=case["temperature"]
+        case["mode"], student, teacher, backend, mu=case["mu"], temperature=case["temperature"],
+        parameters={parameter: case["parameter"]} if parameter else None,
     )
 
 

@@ -130,7 +130,30 @@ class _Vocabulary:
         return 300
 
 
-@pytest.mark.parametrize("family,loss_name", [("gpt2", "akl"), ("llama", "akl"), ("gpt2", "rkl")])
+def test_compare_option_takes_a_list_of_losses():
+    assert train_example.parse_args(["--compare"]).compare == ["fkl", "rkl", "akl"]
+    assert train_example.parse_args(["--compare", "akl,fkl,rkl,jsd,tvd,skl"]).compare == [
+        "akl", "fkl", "rkl", "jsd", "tvd", "skl"]
+    assert train_example.parse_args(["--compare", "jsd, tvd,jsd"]).compare == ["jsd", "tvd"]
+    for bad in ("jsd,kl", "", ","):
+        with pytest.raises(SystemExit):
+            train_example.parse_args(["--compare", bad])
+
+
+def test_compare_run_of_other_divergences(tmp_path, cache):
+    out = tmp_path / "compare"
+    run("train_example.py", "--quick", "--compare", "jsd,tvd", "--steps", "2", "--device", "cpu", "--out", str(out),
+        "--cache", str(cache))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["runs"]) == ["jsd", "tvd"]
+    for name, result in metrics["runs"].items():
+        final = result["final"]
+        # JSD at beta 0.5 is at most ln 2, TVD at most 1; the KL figures are logged beside them
+        assert 0 < final["val_kd_loss"] < 1 and final["val_kd_loss"] != final["val_fkl"], name
+    assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("family,loss_name", [("gpt2", "akl"), ("llama", "akl"), ("gpt2", "rkl"), ("gpt2", "jsd")])
 def test_fused_linear_step_equals_the_logits_step(family, loss_name):
     # --fused-linear changes how a training step computes, not what: the same losses, statistics
     # and gradients for every student parameter (lm_head, tied to the embeddings, included).

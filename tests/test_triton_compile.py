@@ -6,8 +6,8 @@ kernel or none) is compiled to a cubin for Hopper (sm_90) and Ampere (sm_80) in 
 TRITON_INTERPRET (tests/aot_compile.py), and what the compiled code does is checked: at most
 128 registers per thread (two programs of 256 threads per SM), no local memory traffic (no
 register spills) in the 16- and 32-bit variants, and 16-byte loads of the logits in the
-streaming passes (pass 1 in the statistics kernel, passes 2 and 3 in the gap and gradient
-kernels; the bracket passes read one logit per thread) and 16-byte stores of the gradient.
+streaming passes (pass 1 in the statistics kernel, passes 2 and 3 in the gap, terms and
+gradient kernels; the bracket passes read one logit per thread) and 16-byte stores of the gradient.
 """
 
 import inspect
@@ -21,11 +21,19 @@ import pytest
 
 pytest.importorskip("triton")
 
-from akl_kernels.triton_backend import MAX_REGISTERS, _gap_kernel, _gradient_kernel, _row_statistics_kernel, _split_kernel  # noqa: E402
+from akl_kernels.divergences import BY_MODE  # noqa: E402
+from akl_kernels.triton_backend import (  # noqa: E402
+    MAX_REGISTERS,
+    _gap_kernel,
+    _gradient_kernel,
+    _row_statistics_kernel,
+    _split_kernel,
+    _terms_kernel,
+)
 from tests.aot_compile import VARIANTS, variant_id  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-STREAMING_KERNELS = ("_row_statistics_kernel", "_gap_kernel", "_gap_kernel_bracket", "_gradient_kernel")
+STREAMING_KERNELS = ("_row_statistics_kernel", "_gap_kernel", "_gap_kernel_bracket", "_terms_kernel", "_gradient_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +47,12 @@ def compiled():
 
 
 def _kernels(variant):
-    split, compute_grad = variant[3], variant[4]
+    mode, split, compute_grad = variant[2], variant[3], variant[4]
     names = ["_row_statistics_kernel"]
     if split:
         names += ["_split_kernel", "_gap_kernel", "_gap_kernel_bracket"]
+    if BY_MODE[mode].has_terms:
+        names.append("_terms_kernel")
     return names + ["_loss_kernel"] + (["_gradient_kernel"] if compute_grad else [])
 
 
@@ -70,7 +80,7 @@ def test_kernels_compile_within_budget(compiled, capability, variant):
 
 def test_runtime_scalars_are_not_compile_time_constants():
     # mu, temperature and ignore_index must not trigger recompilation: none is a constexpr.
-    for kernel in (_row_statistics_kernel, _split_kernel, _gap_kernel, _gradient_kernel):
+    for kernel in (_row_statistics_kernel, _split_kernel, _gap_kernel, _terms_kernel, _gradient_kernel):
         parameters = inspect.signature(kernel.fn).parameters
         assert not {"mu", "temperature", "ignore_index", "params_ptr"} & {
             name for name, p in parameters.items() if "constexpr" in str(p.annotation)
