@@ -7,6 +7,8 @@
     python train_example.py --compare-mu 0.3,0.5,0.7   # AKL at several mu from the same initialisation
     python train_example.py --data dolly.jsonl     # Dolly records: instruction, context, response
     python train_example.py --fused-linear         # KD and LM losses from hidden states: no batch logits
+    python train_example.py --teacher-topk 32      # offline: the teacher's top 32 stored once, then distil from the file
+    python train_example.py --compare-topk 8,32,128   # dense AKL against the stored top-K teacher at each K
     torchrun --nproc_per_node=2 train_example.py   # DistributedDataParallel (gloo on CPU, nccl on GPU)
 
 Nothing is downloaded unless --teacher/--student name a hub model. The default corpus is the
@@ -24,7 +26,12 @@ skl or srkl, at their default beta / alpha) of the student's and teacher's logit
 tokens. With --fused-linear, training steps never build the batch's logits: kd_loss is
 fused_linear_distillation_loss of the student's
 and teacher's final hidden states and lm_head weights, and lm_loss a chunked cross-entropy whose
-chunks are recomputed in backward (evaluation still uses logits). Evaluation: validation perplexity, validation KD
+chunks are recomputed in backward (evaluation still uses logits). With --teacher-topk K the
+teacher runs once over the training records, its K most probable tokens at every labelled
+position are stored in a file under --cache (float16 log-probabilities and int32 indices,
+6 K bytes a token), the teacher is freed, and the student distils from the file (a TeacherTopK
+teacher; evaluation reloads the teacher to measure against its full distribution).
+Evaluation: validation perplexity, validation KD
 loss (and FKL, RKL), and Rouge-L of greedy generations against held-out responses. Outputs in
 --out: metrics.json, loss_curve.png (compare.png when comparing), summary.txt, the student checkpoints.
 """
@@ -49,7 +56,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-from akl_kernels import LOSSES, distillation_loss, fused_linear_distillation_loss
+from akl_kernels import LOSSES, TeacherTopK, distillation_loss, fused_linear_distillation_loss, teacher_topk
 from akl_kernels.fused_linear import default_chunk_rows
 
 # --compare without a list: the paper's comparison.
@@ -321,19 +328,30 @@ def train_teacher(teacher, examples, preset: Preset, args, ranks: Ranks):
 # Distillation.
 
 
-def kd_terms(student_logits, teacher_logits, labels, loss_name: str, args):
-    """KD loss (mean) over the tokens that have labels; position i predicts token i + 1."""
-    return distillation_loss(student_logits[:, :-1], teacher_logits[:, :-1], **_kd_options(labels, loss_name, args))
+def kd_terms(student_logits, teacher_logits, labels, loss_name: str, args, **options):
+    """KD loss (mean) over the tokens that have labels; position i predicts token i + 1.
+    teacher_logits: (batch, tokens, V) logits, or a TeacherTopK of (batch, tokens, K)."""
+    return distillation_loss(student_logits[:, :-1], _drop_last(teacher_logits), **_kd_options(labels, loss_name, args),
+                             **options)
 
 
 def fused_kd_terms(student_hidden, student_head, teacher_hidden, teacher_head, labels, loss_name: str, args,
                    **options):
-    """kd_terms from final hidden states (batch, tokens, H) and the models' lm_heads, without logits."""
+    """kd_terms from final hidden states (batch, tokens, H) and the models' lm_heads, without logits.
+    With a stored teacher, teacher_hidden is its TeacherTopK and teacher_head None."""
     return fused_linear_distillation_loss(
-        student_hidden[:, :-1], student_head.weight, teacher_hidden[:, :-1], teacher_head.weight,
-        student_bias=student_head.bias, teacher_bias=teacher_head.bias, **_kd_options(labels, loss_name, args),
+        student_hidden[:, :-1], student_head.weight, _drop_last(teacher_hidden),
+        None if teacher_head is None else teacher_head.weight, student_bias=student_head.bias,
+        teacher_bias=None if teacher_head is None else teacher_head.bias, **_kd_options(labels, loss_name, args),
         **options,
     )
+
+
+def _drop_last(teacher):
+    """The teacher's side without the last position (which predicts nothing)."""
+    if isinstance(teacher, TeacherTopK):
+        return TeacherTopK(*(x[:, :-1] for x in teacher))
+    return teacher[:, :-1]
 
 
 def _kd_options(labels, loss_name: str, args) -> dict:
@@ -384,29 +402,31 @@ def training_losses(model, student, teacher, inputs, loss_name: str, args, with_
     """
     ids = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     labels = inputs["labels"]
+    stored = isinstance(teacher, TeacherTopK)  # the teacher's stored top-K pairs of this batch
     if args.fused_linear:
+        teacher_head = None if stored else teacher.get_output_embeddings()
         with torch.no_grad():
-            teacher_hidden = teacher.base_model(**ids).last_hidden_state
+            teacher_hidden = teacher if stored else teacher.base_model(**ids).last_hidden_state
         student_hidden = model(**ids)
-        heads = (student.get_output_embeddings(), teacher.get_output_embeddings())
-        kd = fused_kd_terms(student_hidden, heads[0], teacher_hidden, heads[1], labels, loss_name, args)
-        lm_loss = chunked_lm_loss(student_hidden, heads[0], labels)
+        student_head = student.get_output_embeddings()
+        kd = fused_kd_terms(student_hidden, student_head, teacher_hidden, teacher_head, labels, loss_name, args)
+        lm_loss = chunked_lm_loss(student_hidden, student_head, labels)
         stats = None
         if with_stats:
             with torch.no_grad():
-                _, stats = fused_kd_terms(student_hidden.detach(), heads[0], teacher_hidden, heads[1], labels, "akl",
-                                          args, reduction="none", return_stats=True)
+                _, stats = fused_kd_terms(student_hidden.detach(), student_head, teacher_hidden, teacher_head, labels,
+                                          "akl", args, reduction="none", return_stats=True)
     else:
         with torch.no_grad():
-            teacher_logits = teacher(**ids).logits
+            teacher_logits = teacher if stored else teacher(**ids).logits
         out = model(**inputs)
         kd = kd_terms(out.logits, teacher_logits, labels, loss_name, args)
         lm_loss = out.loss
         stats = None
         if with_stats:
             with torch.no_grad():
-                _, stats = distillation_loss(out.logits[:, :-1].detach(), teacher_logits[:, :-1], reduction="none",
-                                             return_stats=True, **_kd_options(labels, "akl", args))
+                _, stats = kd_terms(out.logits.detach(), teacher_logits, labels, "akl", args, reduction="none",
+                                    return_stats=True)
     loss = (1 - args.kd_ratio) * lm_loss + args.kd_ratio * kd
     return loss, lm_loss, kd, None if stats is None else gap_stats(stats, labels)
 
@@ -423,12 +443,18 @@ def gap_stats(stats, labels) -> dict:
             for name in ("head_gap", "tail_gap", "head_weight", "tail_weight", "head_size")}
 
 
-def distil(student, teacher, examples, val_examples, loss_name: str, preset: Preset, args, ranks: Ranks, tokenizer):
-    """Train the student; returns the training log, the evaluations before and after, and the wall time."""
+def distil(student, teacher, examples, val_examples, loss_name: str, preset: Preset, args, ranks: Ranks, tokenizer,
+           stored=None):
+    """Train the student; returns the training log, the evaluations before and after, and the wall time.
+
+    teacher: the teacher model, or with `stored` (a StoredTeacher) a function that loads it for
+    the evaluations: training then reads the stored top-K pairs, with no teacher in memory.
+    """
+    load_teacher = teacher if stored is not None else (lambda: teacher)
     forward = FinalHiddenStates(student) if args.fused_linear else student
     model = DistributedDataParallel(forward) if ranks.world > 1 else forward
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
-    initial = evaluate(student, teacher, val_examples, loss_name, preset, args, ranks, tokenizer)
+    initial = evaluate(student, load_teacher(), val_examples, loss_name, preset, args, ranks, tokenizer)
     train_log = []
     start = time.perf_counter()
     tokens_seen = 0
@@ -438,7 +464,8 @@ def distil(student, teacher, examples, val_examples, loss_name: str, preset: Pre
         student.train()
         inputs = _to(collate(batch, args.pad_id), ranks.device)
         logging = step % preset.log_every == 0 or step == preset.steps - 1
-        loss, lm_loss, kd, local = training_losses(model, student, teacher, inputs, loss_name, args, logging)
+        step_teacher = teacher if stored is None else stored.batch(batch, inputs["input_ids"].shape[1], ranks.device)
+        loss, lm_loss, kd, local = training_losses(model, student, step_teacher, inputs, loss_name, args, logging)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -455,8 +482,60 @@ def distil(student, teacher, examples, val_examples, loss_name: str, preset: Pre
         progress.update(1)
     progress.close()
     wall = time.perf_counter() - start
-    final = evaluate(student, teacher, val_examples, loss_name, preset, args, ranks, tokenizer)
+    final = evaluate(student, load_teacher(), val_examples, loss_name, preset, args, ranks, tokenizer)
     return {"initial": initial, "final": final, "wall_time_s": wall, "train_log": train_log}
+
+
+class StoredTeacher:
+    """The teacher's K most probable tokens at every labelled position of the training records.
+
+    Built by one teacher pass (teacher_topk on each record's response positions) and kept in a
+    file: float16 log-probabilities and int32 indices, 6 K bytes a token. batch() lays a batch's
+    rows out as the (batch, tokens, K) TeacherTopK that the losses take, -1 (padding) wherever
+    a position has no label.
+    """
+
+    def __init__(self, data: dict, examples):
+        self.logprobs, self.indices, self.offsets = data["logprobs"], data["indices"], data["offsets"]
+        self.k = self.logprobs.shape[1]
+        self.row_of = {id(example): i for i, example in enumerate(examples)}
+
+    @property
+    def tokens(self) -> int:
+        return self.logprobs.shape[0]
+
+    @staticmethod
+    @torch.no_grad()
+    def build(teacher, examples, k: int, preset: Preset, args, ranks: Ranks) -> dict:
+        """One teacher pass over `examples`: the top-k pairs of each record's labelled positions."""
+        logprobs, indices, offsets = [], [], [0]
+        progress = _progress(len(examples), f"teacher top-{k}", ranks)
+        for start in range(0, len(examples), preset.batch_size):
+            batch = examples[start:start + preset.batch_size]
+            inputs = _to(collate(batch, args.pad_id), ranks.device)
+            logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            for row, (prompt, response) in enumerate(batch):
+                # Position i predicts token i + 1: the response's tokens are predicted from
+                # positions len(prompt) - 1 to len(prompt) + len(response) - 2.
+                positions = logits[row, len(prompt) - 1:len(prompt) + len(response) - 1]
+                pairs = teacher_topk(positions, k, temperature=args.temperature)
+                logprobs.append(pairs.logprobs.half().cpu())
+                indices.append(pairs.indices.int().cpu())
+                offsets.append(offsets[-1] + len(response))
+            progress.update(len(batch))
+        progress.close()
+        return {"logprobs": torch.cat(logprobs), "indices": torch.cat(indices), "offsets": torch.tensor(offsets)}
+
+    def batch(self, examples, length: int, device) -> TeacherTopK:
+        logprobs = torch.zeros(len(examples), length, self.k, dtype=self.logprobs.dtype)
+        indices = torch.full((len(examples), length, self.k), -1, dtype=self.indices.dtype)
+        for row, example in enumerate(examples):
+            prompt, response = example
+            index = self.row_of[id(example)]
+            rows = slice(int(self.offsets[index]), int(self.offsets[index + 1]))
+            logprobs[row, len(prompt) - 1:len(prompt) + len(response) - 1] = self.logprobs[rows]
+            indices[row, len(prompt) - 1:len(prompt) + len(response) - 1] = self.indices[rows]
+        return TeacherTopK(logprobs.to(device), indices.to(device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -555,12 +634,14 @@ def summary_table(teacher_eval: dict, runs: dict) -> str:
     """Teacher, student at initialisation and each distilled student; val KD is each row's own KD loss."""
     first = next(iter(runs))
     rows = [("teacher", teacher_eval, None), (f"student init ({first})", runs[first]["initial"], None)]
-    rows += [(f"student, {name}", run["final"], run["wall_time_s"]) for name, run in runs.items()]
+    rows += [(f"student, {name}", run["final"], run) for name, run in runs.items()]
     lines = [f"{'model':24s} {'Rouge-L':>8s} {'val ppl':>9s} {'val KD':>8s} {'val FKL':>8s} {'val RKL':>8s} "
-             f"{'train s':>8s}"]
-    for label, e, wall in rows:
+             f"{'train s':>8s} {'cache B/tok':>11s}"]
+    for label, e, run in rows:
+        stored = (run or {}).get("stored_teacher")
         lines.append(f"{label:24s} {e['rouge_l']:8.4f} {e['val_perplexity']:9.2f} {_num(e.get('val_kd_loss'))} "
-                     f"{_num(e.get('val_fkl'))} {_num(e.get('val_rkl'))} {_num(wall, 1)}")
+                     f"{_num(e.get('val_fkl'))} {_num(e.get('val_rkl'))} {_num(run and run['wall_time_s'], 1)} "
+                     f"{_num(stored and stored['bytes_per_token'], 1):>11s}")
     return "\n".join(lines)
 
 
@@ -617,6 +698,16 @@ def _mu_list(text: str) -> list[float]:
     return values
 
 
+def _k_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every K must be a positive integer, got {text!r}")
+    return values
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=["gpt2", "llama"], default="gpt2", help="architecture of built models")
@@ -630,6 +721,10 @@ def parse_args(argv=None):
                              help="distil under each loss from the same init (default: fkl,rkl,akl)")
     comparisons.add_argument("--compare-mu", type=_mu_list, metavar="MU,MU,...",
                              help="distil under AKL at each mu from the same init (a mu sweep)")
+    comparisons.add_argument("--compare-topk", type=_k_list, metavar="K,K,...",
+                             help="dense AKL, then AKL from the stored top-K teacher at each K, from the same init")
+    parser.add_argument("--teacher-topk", type=_k_list, metavar="K",
+                        help="offline: store the teacher's top K per labelled token once, distil from that file")
     parser.add_argument("--kd-ratio", type=float, default=0.5, help="weight of the KD loss; 1 - it weighs LM loss")
     parser.add_argument("--fused-linear", action="store_true",
                         help="training losses from hidden states and lm_head weights, never the batch's logits")
@@ -656,7 +751,33 @@ def parse_args(argv=None):
         parser.error("--device cuda: CUDA is not available")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
+    if args.teacher_topk and len(args.teacher_topk) > 1:
+        parser.error("--teacher-topk takes one K (--compare-topk compares several)")
+    if args.teacher_topk and (args.compare or args.compare_mu or args.compare_topk):
+        parser.error("--teacher-topk runs one offline distillation; use --compare-topk to compare K")
     return args
+
+
+def stored_teacher(teacher, examples, k: int, key: str, teacher_source, preset: Preset, args, ranks: Ranks):
+    """The StoredTeacher of top-k pairs, built by rank 0 into the cache once (or read from it),
+    and a record of its file: K, bytes, bytes per token and the seconds the teacher pass took."""
+    tag = hashlib.sha256(str(teacher_source).encode()).hexdigest()[:8]
+    path = args.cache / f"teacher-top{k}-T{args.temperature:g}-{key}-{tag}.pt"
+    build_s = None
+    if ranks.main and not path.exists():
+        start = time.perf_counter()
+        data = StoredTeacher.build(teacher, examples, k, preset, args, ranks)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data, path)
+        build_s = time.perf_counter() - start
+    ranks.barrier()
+    stored = StoredTeacher(torch.load(path), examples)
+    size = path.stat().st_size
+    record = {"k": k, "file": str(path), "bytes": size, "tokens": stored.tokens,
+              "bytes_per_token": size / max(1, stored.tokens), "build_s": build_s}
+    log(ranks, f"stored teacher: top {k} of {stored.tokens} tokens in {path} ({size / 1e6:.2f} MB, "
+               f"{size / max(1, stored.tokens):.1f} bytes a token" + (f", built in {build_s:.1f} s)" if build_s else ", cached)"))
+    return stored, record
 
 
 def main(argv=None):
@@ -695,8 +816,13 @@ def main(argv=None):
         log(ranks, f"training the teacher ({parameter_count(teacher) / 1e6:.2f} M parameters), cached in {teacher_source}")
         train_teacher(teacher, train_examples, preset, args, ranks).save_pretrained(teacher_source)
     ranks.barrier()
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_source).to(ranks.device).eval()
-    teacher.requires_grad_(False)
+
+    def load_teacher():
+        model = AutoModelForCausalLM.from_pretrained(teacher_source).to(ranks.device).eval()
+        return model.requires_grad_(False)
+
+    teacher = load_teacher()
+    vocab_size = teacher.config.vocab_size
 
     def fresh_student():
         torch.manual_seed(args.seed + 3)  # the same initialisation for every KD loss of --compare
@@ -705,9 +831,9 @@ def main(argv=None):
         else:
             model = build_model(args.family, tokenizer, preset.student_width, preset.student_layers,
                                 max_positions)
-        if model.config.vocab_size != teacher.config.vocab_size:
+        if model.config.vocab_size != vocab_size:
             raise SystemExit(f"error: student vocabulary {model.config.vocab_size} != teacher vocabulary "
-                             f"{teacher.config.vocab_size}; both must use the same tokenizer")
+                             f"{vocab_size}; both must use the same tokenizer")
         return model.to(ranks.device)
 
     n_teacher, n_student = parameter_count(teacher), parameter_count(fresh_student())
@@ -716,18 +842,31 @@ def main(argv=None):
                f"{ranks.world} process(es) on {ranks.device}")
     teacher_eval = evaluate(teacher, None, val_examples, args.loss, preset, args, ranks, tokenizer)
 
-    if args.compare:  # (run name, KD loss, mu)
-        specs = [(name, name, args.mu) for name in args.compare]
+    if args.compare:  # (run name, KD loss, mu, K of the stored teacher or None)
+        specs = [(name, name, args.mu, None) for name in args.compare]
     elif args.compare_mu:
-        specs = [(f"akl-mu{mu:g}", "akl", mu) for mu in args.compare_mu]
+        specs = [(f"akl-mu{mu:g}", "akl", mu, None) for mu in args.compare_mu]
+    elif args.compare_topk:
+        specs = [("akl-dense", "akl", args.mu, None)] + [(f"akl-top{k}", "akl", args.mu, k) for k in args.compare_topk]
     else:
-        specs = [(args.loss, args.loss, args.mu)]
+        k = args.teacher_topk[0] if args.teacher_topk else None
+        specs = [(args.loss if k is None else f"{args.loss}-top{k}", args.loss, args.mu, k)]
+
     runs, digests = {}, {}
-    for name, loss_name, mu in specs:
+    for name, loss_name, mu, k in specs:
         student = fresh_student()
         run_args = argparse.Namespace(**{**vars(args), "mu": mu})
-        runs[name] = distil(student, teacher, train_examples, val_examples, loss_name, preset, run_args, ranks,
-                            tokenizer)
+        if k is None:
+            teacher = teacher if teacher is not None else load_teacher()
+            runs[name] = distil(student, teacher, train_examples, val_examples, loss_name, preset, run_args, ranks,
+                                tokenizer)
+        else:
+            stored, record = stored_teacher(teacher if teacher is not None else load_teacher(), train_examples, k,
+                                            key, teacher_source, preset, args, ranks)
+            teacher = None  # freed: the student distils from the file
+            runs[name] = distil(student, load_teacher, train_examples, val_examples, loss_name, preset, run_args,
+                                ranks, tokenizer, stored=stored)
+            runs[name]["stored_teacher"] = record
         runs[name]["mu"] = mu
         digests[name] = ranks.gather(parameter_digest(student))
         if ranks.main:

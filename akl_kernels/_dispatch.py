@@ -12,7 +12,7 @@ import torch
 
 from ._rows import RowBackend, RowLossConfig
 from .divergences import Divergence, LossMode
-from .torch_backend import TORCH_BACKEND
+from .torch_backend import TORCH_BACKEND, TORCH_SPARSE_BACKEND
 
 # fkl_loss and rkl_loss have no mu; their head/tail statistics use the paper's value, and so
 # does distillation_loss unless mu is given.
@@ -97,12 +97,13 @@ def refuse_double_backward():
         )
 
 
-def select_backend(backend, device) -> RowBackend:
-    """The RowBackend for `backend` on `device` (README "Use": backend)."""
+def select_backend(backend, device, sparse=False) -> RowBackend:
+    """The RowBackend for `backend` on `device` (README "Use": backend); sparse: the one for a
+    TeacherTopK teacher."""
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and _triton_available() else "torch"
     if backend == "torch":
-        return TORCH_BACKEND
+        return TORCH_SPARSE_BACKEND if sparse else TORCH_BACKEND
     if not _triton_available():
         raise ImportError("backend='triton' needs the triton package (pip install triton)")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -113,6 +114,10 @@ def select_backend(backend, device) -> RowBackend:
         )
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"backend='triton' runs on CUDA tensors, got a tensor on {device}")
+    if sparse:
+        from .triton_sparse import TRITON_SPARSE_BACKEND
+
+        return TRITON_SPARSE_BACKEND
     from .triton_backend import TRITON_BACKEND
 
     return TRITON_BACKEND

@@ -98,3 +98,62 @@ def check_number(name, value, domain, holds, why=""):
 
 def _is_real(x):
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+# exp(logprobs) of a row may sum a little above 1 after rounding; more than this is an error.
+LOGPROB_MASS_LIMIT = 1.01
+
+
+def check_sparse_teacher_loss(family):
+    """NotImplementedError for a loss that does not yet take a TeacherTopK teacher."""
+    if family.has_terms:
+        raise NotImplementedError(
+            f"loss={family.name!r} does not take a TeacherTopK teacher yet; the sparse teacher works "
+            "with 'akl', 'fkl' and 'rkl' (pass dense teacher logits for the other divergences)"
+        )
+
+
+def check_teacher_topk(teacher, leading_shape, vocab, device, keep):
+    """Errors for a TeacherTopK that does not fit student rows of `leading_shape` and V = vocab
+    (docs/semantics.md rule 38); keep (N,) bool or None says which rows' mass is checked.
+
+    The value checks (index range, repeats, mass) read the tensors on the host; they are
+    skipped while torch.compile traces, never in eager.
+    """
+    logprobs, indices = teacher
+    check_floating("TeacherTopK.logprobs", logprobs, "log-probabilities")
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"TeacherTopK.indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"TeacherTopK.indices must be int32 or int64 vocabulary indices, got {indices.dtype}")
+    if logprobs.shape != indices.shape:
+        raise ValueError(
+            f"TeacherTopK.logprobs {tuple(logprobs.shape)} and indices {tuple(indices.shape)} must have the same shape"
+        )
+    if logprobs.dim() == 0 or logprobs.shape[:-1] != leading_shape:
+        raise ValueError(
+            f"TeacherTopK tensors must have shape (*leading, K) with the student's leading shape "
+            f"{tuple(leading_shape)}, got {tuple(logprobs.shape)}"
+        )
+    k = logprobs.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"TeacherTopK lists K = {k} tokens per row; K must be in [1, V] = [1, {vocab}]")
+    for name, x in (("logprobs", logprobs), ("indices", indices)):
+        if x.device != device:
+            raise ValueError(f"TeacherTopK.{name} is on {x.device} but the student is on {device}")
+    if torch.compiler.is_compiling() or logprobs.numel() == 0:
+        return
+    if bool(((indices < -1) | (indices >= vocab)).any()):
+        raise ValueError(f"TeacherTopK.indices must lie in [-1, V) = [-1, {vocab}) (-1 marks padding)")
+    ordered = indices.reshape(-1, k).sort(dim=-1).values
+    if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
+        raise ValueError("TeacherTopK.indices lists a token twice in one row; each listed token must be distinct")
+    mass = torch.where(indices >= 0, logprobs.float().exp(), 0.0).reshape(-1, k).sum(-1)
+    if keep is not None:
+        mass = torch.where(keep, mass, 0.0)
+    if bool((mass > LOGPROB_MASS_LIMIT).any()):
+        raise ValueError(
+            f"TeacherTopK.logprobs of a row sum to {float(mass.max()):.4g} > {LOGPROB_MASS_LIMIT} in probability: "
+            "these look like logits, not log-probabilities. Store torch.log_softmax(teacher_logits / T, dim=-1) "
+            "values, or build the TeacherTopK with akl_kernels.teacher_topk(teacher_logits, k, temperature=T)"
+        )

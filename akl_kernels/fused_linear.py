@@ -39,7 +39,16 @@ from ._dispatch import (
 )
 from ._rows import STATS_FIELDS, RowBackend, RowLossConfig, compute_dtype
 from .divergences import DIVERGENCES, divergence, resolve_parameter
-from ._validation import check_floating, check_has_data, check_labels, check_options, check_temperature_range
+from ._validation import (
+    check_floating,
+    check_has_data,
+    check_labels,
+    check_options,
+    check_sparse_teacher_loss,
+    check_teacher_topk,
+    check_temperature_range,
+)
+from .teacher_topk import TeacherTopK
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -237,21 +246,40 @@ def _fused_linear_loss(
     family, parameter, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
     mu, temperature, labels, ignore_index, reduction, chunk_size, return_stats, backend,
 ):
-    _check_tensors(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels)
+    sparse = isinstance(teacher_hidden, TeacherTopK)
+    if sparse:
+        check_sparse_teacher_loss(family)
+        if teacher_weight is not None or teacher_bias is not None:
+            raise ValueError(
+                "with a TeacherTopK in place of teacher_hidden, teacher_weight and teacher_bias must be None "
+                "(the stored teacher has no lm_head)"
+            )
+        _check_student_side(student_hidden, student_weight, student_bias)
+        check_labels(labels, student_hidden.shape[:-1], student_hidden.device, "hidden states")
+        check_has_data(student_hidden.device, "hidden states")
+        teacher_dtypes = (teacher_hidden.logprobs.dtype,)
+    else:
+        _check_tensors(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels)
+        teacher_dtypes = (teacher_hidden.dtype, teacher_weight.dtype)
     check_options(mu, temperature, ignore_index, reduction, return_stats, backend)
     _check_chunk_size(chunk_size)
-    dtype = compute_dtype(student_hidden.dtype, student_weight.dtype, teacher_hidden.dtype, teacher_weight.dtype)
+    dtype = compute_dtype(student_hidden.dtype, student_weight.dtype, *teacher_dtypes)
     check_temperature_range(temperature, dtype)
-    row_backend = select_backend(backend, student_hidden.device)
+    row_backend = select_backend(backend, student_hidden.device, sparse=sparse)
 
     leading_shape = student_hidden.shape[:-1]
     device = student_hidden.device
     keep = keep_mask(labels, ignore_index)
+    if sparse:
+        check_teacher_topk(teacher_hidden, leading_shape, student_weight.shape[0], device, keep)
+        # The stored pairs travel in the teacher's two tensor slots.
+        teacher_hidden, teacher_weight = teacher_hidden
     kept = torch.arange(leading_shape.numel(), device=device) if keep is None else keep.nonzero().squeeze(1)
     grad_scale = reduction_grad_scale(reduction, kept.numel(), dtype, device)
     vocab = student_weight.shape[0]
-    hidden = max(student_weight.shape[1], teacher_weight.shape[1])
+    hidden = student_weight.shape[1] if sparse else max(student_weight.shape[1], teacher_weight.shape[1])
     options = _Options(
+        sparse_teacher=sparse,
         config=row_config(family, parameter, mu, temperature, return_stats),
         row_backend=row_backend,
         chunk_rows=int(chunk_size or default_chunk_rows(vocab, hidden)),
@@ -272,11 +300,14 @@ def _fused_linear_loss(
 class _Options:
     """What one call passes through autograd besides tensors.
 
-    config: the loss backend's RowLossConfig. row_backend: the backend. chunk_rows: rows per
-    chunk. reduction: "mean", "sum" or "none". wanted: which of (student_hidden,
-    student_weight, student_bias) need a gradient.
+    sparse_teacher: the teacher's slots (teacher_hidden, teacher_weight) hold a TeacherTopK's
+    (logprobs, indices) instead of hidden states and lm_head. config: the loss backend's
+    RowLossConfig. row_backend: the backend. chunk_rows: rows per chunk. reduction: "mean",
+    "sum" or "none". wanted: which of (student_hidden, student_weight, student_bias) need a
+    gradient.
     """
 
+    sparse_teacher: bool
     config: RowLossConfig
     row_backend: RowBackend
     chunk_rows: int
@@ -359,10 +390,12 @@ def _chunked_pass(inputs, kept, grad_scale, row_scale, options, wanted):
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = inputs
     n_rows, device = student_hidden.shape[:-1].numel(), student_hidden.device
     student_rows = student_hidden.reshape(n_rows, student_hidden.shape[-1])
-    teacher_rows = teacher_hidden.reshape(n_rows, teacher_hidden.shape[-1])
     student_head = _LMHead(student_hidden.dtype, student_weight, student_bias)
-    teacher_head = _LMHead(teacher_hidden.dtype, teacher_weight, teacher_bias)
-    dtype = compute_dtype(student_head.dtype, teacher_head.dtype)
+    if options.sparse_teacher:
+        teacher = _StoredTeacher(teacher_hidden, teacher_weight)
+    else:
+        teacher = _TeacherHead(teacher_hidden, teacher_weight, teacher_bias, min(options.chunk_rows, kept.numel()))
+    dtype = compute_dtype(student_head.dtype, teacher.dtype)
 
     loss = torch.zeros(n_rows, dtype=dtype, device=device)
     stats = torch.zeros(len(STATS_FIELDS), n_rows, dtype=dtype, device=device)
@@ -379,15 +412,12 @@ def _chunked_pass(inputs, kept, grad_scale, row_scale, options, wanted):
     # gradient over the student's logits (each row is read before its gradient is written).
     chunk_rows = min(options.chunk_rows, kept.numel())
     student_buffer = torch.empty(chunk_rows, student_weight.shape[0], dtype=student_head.dtype, device=device)
-    teacher_buffer = torch.empty(chunk_rows, teacher_weight.shape[0], dtype=teacher_head.dtype, device=device)
     for rows in kept.split(chunk_rows) if kept.numel() else ():
         # (R, H) operands, converted once: only kept rows are multiplied
         hidden = student_head.operands(student_rows.index_select(0, rows))
         student_logits = student_head.logits(hidden, student_buffer[: rows.numel()])  # (R, V)
-        teacher_hidden_rows = teacher_head.operands(teacher_rows.index_select(0, rows))
-        teacher_logits = teacher_head.logits(teacher_hidden_rows, teacher_buffer[: rows.numel()])
         chunk = options.row_backend.row_losses(
-            student_logits, teacher_logits, None, grad_scale, options.config, compute_grad, grad_out=student_logits
+            student_logits, teacher.rows(rows), None, grad_scale, options.config, compute_grad, grad_out=student_logits
         )
         loss.index_copy_(0, rows, chunk.loss)
         stats.index_copy_(1, rows, chunk.stats)
@@ -416,6 +446,33 @@ def _held_dtype(dtype):
     """The dtype a gradient for a `dtype` input is kept in until backward: float32 for float16,
     whose range would otherwise lose small gradients before the loss scale multiplies them."""
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+class _TeacherHead:
+    """The teacher's side from hidden states and lm_head: rows(rows) gives those rows' (R, V)
+    logits, in one buffer reused by every chunk."""
+
+    def __init__(self, hidden, weight, bias, chunk_rows):
+        self.hidden_rows = hidden.reshape(hidden.shape[:-1].numel(), hidden.shape[-1])
+        self.head = _LMHead(hidden.dtype, weight, bias)
+        self.dtype = self.head.dtype
+        self.buffer = torch.empty(chunk_rows, weight.shape[0], dtype=self.dtype, device=hidden.device)
+
+    def rows(self, rows):
+        operands = self.head.operands(self.hidden_rows.index_select(0, rows))  # (R, H), converted once
+        return self.head.logits(operands, self.buffer[: rows.numel()])
+
+
+class _StoredTeacher:
+    """The teacher's side from a TeacherTopK's (logprobs, indices): rows(rows) gives those rows'."""
+
+    def __init__(self, logprobs, indices):
+        listed = logprobs.shape[-1]
+        self.logprobs, self.indices = logprobs.reshape(-1, listed), indices.reshape(-1, listed)
+        self.dtype = compute_dtype(logprobs.dtype)
+
+    def rows(self, rows):
+        return TeacherTopK(self.logprobs.index_select(0, rows), self.indices.index_select(0, rows))
 
 
 class _LMHead:
@@ -486,26 +543,41 @@ def _mm_has_float32_output(device, dtype):
         return False
 
 
+def _check_student_side(student_hidden, student_weight, student_bias):
+    """The student's tensors when the teacher is a TeacherTopK (checked on its own)."""
+    _check_side("student", student_hidden, student_weight, student_bias)
+    if student_weight.shape[0] == 0:
+        raise ValueError("the vocabulary dimension (first) of the weights is empty")
+    for name, x in (("student_weight", student_weight), ("student_bias", student_bias)):
+        if x is not None and x.device != student_hidden.device:
+            raise ValueError(f"{name} is on {x.device} but student_hidden is on {student_hidden.device}")
+
+
+def _check_side(side, hidden, weight, bias):
+    """One model's hidden states, lm_head weight and bias: dtypes and shapes."""
+    check_floating(f"{side}_hidden", hidden, "hidden states")
+    check_floating(f"{side}_weight", weight, "weights")
+    if hidden.dim() == 0:
+        raise ValueError(f"{side}_hidden must have shape (..., H), got a 0-dim tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{side}_weight must have shape (V, H), got {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{side}_hidden's last dimension ({hidden.shape[-1]}) must equal {side}_weight's "
+            f"second ({weight.shape[1]}): the weight is (V, H) as nn.Linear stores it"
+        )
+    if bias is not None:
+        check_floating(f"{side}_bias", bias, "biases")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{side}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
 def _check_tensors(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels):
     for side, hidden, weight, bias in (
         ("student", student_hidden, student_weight, student_bias),
         ("teacher", teacher_hidden, teacher_weight, teacher_bias),
     ):
-        check_floating(f"{side}_hidden", hidden, "hidden states")
-        check_floating(f"{side}_weight", weight, "weights")
-        if hidden.dim() == 0:
-            raise ValueError(f"{side}_hidden must have shape (..., H), got a 0-dim tensor")
-        if weight.dim() != 2:
-            raise ValueError(f"{side}_weight must have shape (V, H), got {tuple(weight.shape)}")
-        if hidden.shape[-1] != weight.shape[1]:
-            raise ValueError(
-                f"{side}_hidden's last dimension ({hidden.shape[-1]}) must equal {side}_weight's "
-                f"second ({weight.shape[1]}): the weight is (V, H) as nn.Linear stores it"
-            )
-        if bias is not None:
-            check_floating(f"{side}_bias", bias, "biases")
-            if bias.shape != weight.shape[:1]:
-                raise ValueError(f"{side}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        _check_side(side, hidden, weight, bias)
     if student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(
             "student_weight and teacher_weight must have the same vocabulary size (first "

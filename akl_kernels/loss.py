@@ -21,7 +21,16 @@ from ._dispatch import (
 )
 from ._rows import compute_dtype
 from .divergences import DIVERGENCES, divergence, resolve_parameter
-from ._validation import check_floating, check_has_data, check_labels, check_options, check_temperature_range
+from ._validation import (
+    check_floating,
+    check_has_data,
+    check_labels,
+    check_options,
+    check_sparse_teacher_loss,
+    check_teacher_topk,
+    check_temperature_range,
+)
+from .teacher_topk import TeacherTopK
 
 
 def distillation_loss(
@@ -202,16 +211,24 @@ class AKLLoss(DistillationLoss):
 def _distillation_loss(
     family, parameter, student, teacher, mu, temperature, labels, ignore_index, reduction, return_stats, backend
 ):
-    _check_tensors(student, teacher, labels)
+    sparse = isinstance(teacher, TeacherTopK)
+    if sparse:
+        check_sparse_teacher_loss(family)
+        _check_student(student, labels)
+    else:
+        _check_tensors(student, teacher, labels)
     check_options(mu, temperature, ignore_index, reduction, return_stats, backend)
-    dtype = compute_dtype(student.dtype, teacher.dtype)
+    dtype = compute_dtype(student.dtype, teacher.logprobs.dtype if sparse else teacher.dtype)
     check_temperature_range(temperature, dtype)
-    row_backend = select_backend(backend, student.device)
+    row_backend = select_backend(backend, student.device, sparse=sparse)
 
     leading_shape = student.shape[:-1]
-    if student.dim() == 1:  # a single row
-        student, teacher = student.unsqueeze(0), teacher.unsqueeze(0)
     keep = keep_mask(labels, ignore_index)
+    if sparse:
+        check_teacher_topk(teacher, leading_shape, student.shape[-1], student.device, keep)
+    if student.dim() == 1:  # a single row
+        student = student.unsqueeze(0)
+        teacher = TeacherTopK(*(x.unsqueeze(0) for x in teacher)) if sparse else teacher.unsqueeze(0)
     kept_rows = leading_shape.numel() if keep is None else keep.sum()
     grad_scale = reduction_grad_scale(reduction, kept_rows, dtype, student.device)
     config = row_config(family, parameter, mu, temperature, return_stats)
@@ -246,7 +263,8 @@ class _DistillationLoss(torch.autograd.Function):
         ctx.grad = rows.grad
         ctx.config = config
         ctx.row_backend = row_backend
-        ctx.save_for_backward(student, teacher, keep, grad_scale, rows.state)
+        ctx.sparse = isinstance(teacher, TeacherTopK)
+        ctx.save_for_backward(student, keep, grad_scale, rows.state, *(teacher if ctx.sparse else (teacher,)))
         ctx.mark_non_differentiable(rows.stats, rows.head_size)
         return loss, rows.stats, rows.head_size
 
@@ -254,7 +272,8 @@ class _DistillationLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_stats, _grad_head_size):
         refuse_double_backward()
         grad, ctx.grad = ctx.grad, None
-        student, teacher, keep, grad_scale, state = ctx.saved_tensors
+        student, keep, grad_scale, state, *teacher = ctx.saved_tensors
+        teacher = TeacherTopK(*teacher) if ctx.sparse else teacher[0]
         vocab = student.shape[-1]
         n_rows = student.numel() // vocab
         if grad is None:
@@ -286,6 +305,17 @@ def _scale_rows_(grad, row_scale, keep):
     rows_per_chunk = max(1, (1 << 20) // max(grad.shape[1], 1))
     for rows, scale in zip(grad.split(rows_per_chunk), row_scale.split(rows_per_chunk)):
         rows.copy_(rows.float().mul_(scale.float()))
+
+
+def _check_student(student, labels):
+    """The checks of the student logits alone (a TeacherTopK teacher is checked on its own)."""
+    check_floating("student_logits", student, "logits")
+    if student.dim() == 0:
+        raise ValueError("student_logits must have shape (..., V), got a 0-dim tensor")
+    if student.shape[-1] == 0:
+        raise ValueError("the vocabulary dimension (last) of the logits is empty")
+    check_labels(labels, student.shape[:-1], student.device, "logits")
+    check_has_data(student.device, "logits")
 
 
 def _check_tensors(student, teacher, labels):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ._rows import RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
+from ._sparse_rows import StudentPasses, sparse_backend
 from .divergences import BY_MODE, LossMode
 
 NEG_INF = float("-inf")
@@ -176,6 +177,54 @@ TORCH_BACKEND = RowBackend(
 )
 
 
+def torch_unlisted_logsumexp(student, indices, keep, temperature, dtype):
+    """A sparse teacher's pass over the student (_sparse_rows.StudentPasses): per row, the
+    log-sum-exp of s / T over the support tokens not in `indices` (N, K) (-inf if none), their
+    count and whether the row holds NaN or +inf. Ignored rows are not read (-inf, 0, False)."""
+    vocab = student.shape[-1]
+    n_rows = student.numel() // vocab
+    lse = torch.full((n_rows,), NEG_INF, dtype=dtype, device=student.device)
+    count = torch.zeros(n_rows, dtype=torch.int64, device=student.device)
+    has_nan_or_inf = torch.zeros(n_rows, dtype=torch.bool, device=student.device)
+    for rows, chunk, _, s in _chunks(student, None, keep, dtype):
+        has_nan_or_inf[rows] = (s.isnan() | (s == INF)).any(-1)
+        b = torch.div(s, temperature, out=chunk.a)
+        unlisted = (b > NEG_INF) & ~_listed_mask(indices[rows], vocab)
+        count[rows] = unlisted.sum(-1)
+        lse[rows] = torch.logsumexp(b.masked_fill_(~unlisted, NEG_INF), dim=-1)
+    return lse, count, has_nan_or_inf
+
+
+def torch_sparse_gradient(student, indices, keep, temperature, lse, listed_grad, unlisted_factor, grad_out=None):
+    """A sparse teacher's gradient pass (_sparse_rows.StudentPasses): listed_grad (N, K) at the
+    tokens of `indices`, exp(s / T - lse) * unlisted_factor at the others (0 off the support)."""
+    vocab = student.shape[-1]
+    n_rows = student.numel() // vocab
+    grad = _gradient_buffer(student, keep, grad_out)
+    for rows, chunk, _, s in _chunks(student, None, keep, lse.dtype):
+        # One column past the row takes the padding's (-1) writes.
+        chunk_grad = torch.empty(rows.numel(), vocab + 1, dtype=lse.dtype, device=student.device)
+        torch.div(s, temperature, out=chunk_grad[:, :vocab]).sub_(lse[rows, None]).exp_()
+        chunk_grad[:, :vocab].mul_(unlisted_factor[rows, None])
+        chunk_grad.scatter_(1, _padding_at_end(indices[rows], vocab), listed_grad[rows])
+        grad.view(n_rows, vocab).index_copy_(0, rows, chunk_grad[:, :vocab].to(grad.dtype))
+    return grad
+
+
+def _padding_at_end(indices, vocab):
+    """(R, K) indices with padding (-1) moved to column V, one past the row."""
+    return torch.where(indices >= 0, indices, vocab)
+
+
+def _listed_mask(indices, vocab):
+    """(R, V) bool: True at the tokens listed in indices (R, K)."""
+    mask = torch.zeros(indices.shape[0], vocab + 1, dtype=torch.bool, device=indices.device)
+    return mask.scatter_(1, _padding_at_end(indices, vocab), True)[:, :vocab]
+
+
+TORCH_SPARSE_BACKEND = sparse_backend(StudentPasses(torch_unlisted_logsumexp, torch_sparse_gradient), split_path_name)
+
+
 def _gradient_buffer(student, keep, grad_out):
     """The gradient's tensor (grad_out, or a new one), zero at ignored rows."""
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if grad_out is None else grad_out
@@ -186,7 +235,8 @@ def _gradient_buffer(student, keep, grad_out):
 
 def _chunks(student, teacher, keep, dtype):
     """The kept rows in chunks: yields (rows (R,) int64, the chunk's workspace buffers, teacher
-    rows (R, V), student rows (R, V)), the logits in the compute dtype, never written to.
+    rows (R, V) (None when teacher is None), student rows (R, V)), the logits in the compute
+    dtype, never written to.
 
     The workspace holds 25 bytes per chunk element in float32 (33 when the inputs are copied
     for their dtype or layout): chunks of at most CHUNK_ELEMENTS and 1/24 of the rows keep it
@@ -199,12 +249,13 @@ def _chunks(student, teacher, keep, dtype):
         return
     rows_per_chunk = max(1, min(CHUNK_ELEMENTS // vocab, max(n_rows // 24, MIN_CHUNK_ROWS), kept.numel()))
     workspace = _Workspace(rows_per_chunk, vocab, dtype, student.device)
-    read_teacher = _chunk_reader(teacher, keep, dtype)
+    read_teacher = None if teacher is None else _chunk_reader(teacher, keep, dtype)
     read_student = _chunk_reader(student, keep, dtype)
     for rows in kept.split(rows_per_chunk):
         chunk = workspace.rows(rows.numel())
         # Views of the inputs where possible, else copies in the workspace.
-        yield rows, chunk, read_teacher(rows, lambda: chunk.a), read_student(rows, lambda: chunk.b)
+        a = None if teacher is None else read_teacher(rows, lambda: chunk.a)
+        yield rows, chunk, a, read_student(rows, lambda: chunk.b)
 
 
 class _Workspace:

@@ -147,6 +147,98 @@ def _order_and_running_mass(a, support, p):
     return order, p.gather(-1, order).cumsum(-1)
 
 
+def reference_topk_row_losses(student_logits, logprobs, indices, *, mu=0.5, temperature=1.0, mode="akl"):
+    """docs/semantics.md rules 31-38: per-row loss against a sparse teacher, for 2-D inputs.
+
+    Args:
+        student_logits: (N, V) floating tensor; gradients flow to it.
+        logprobs: (N, K) the teacher's stored log-probabilities (full-vocabulary normalised).
+        indices: (N, K) integer vocabulary indices; -1 is padding.
+        mu, temperature: as reference_row_losses (T divides the student's logits only).
+        mode: "akl", "fkl" or "rkl".
+
+    Returns:
+        (loss, stats) as reference_row_losses.
+    """
+    if mode not in KL_MODES:
+        raise ValueError(f"a sparse teacher takes mode 'akl', 'fkl' or 'rkl', got {mode!r}")
+    compute_dtype = torch.float64 if torch.float64 in (student_logits.dtype, logprobs.dtype) else torch.float32
+    b = student_logits.to(compute_dtype) / temperature
+    n_rows, vocab = b.shape
+
+    # Rule 31: the listed tokens, written out position by position (a dense mask is fine in an
+    # oracle; the library never builds one for the teacher).
+    listed = torch.zeros(n_rows, vocab, dtype=torch.bool)
+    teacher_log_p = torch.zeros(n_rows, vocab, dtype=compute_dtype)
+    for row in range(n_rows):
+        for index, value in zip(indices[row].tolist(), logprobs[row].to(compute_dtype).tolist()):
+            if index >= 0:  # -1 is padding
+                listed[row, index] = True
+                teacher_log_p[row, index] = value
+    listed_nan_or_inf = (listed & (teacher_log_p.isnan() | (teacher_log_p == float("inf")))).any(-1)
+    # Rule 32: a listed token counts where the student has it and the teacher gives it mass.
+    valid = listed & (b > NEG_INF) & (teacher_log_p > NEG_INF)
+    unlisted = ~listed & (b > NEG_INF)
+    support = valid | unlisted
+    has_nan_or_inf = b.isnan().any(-1) | (b == float("inf")).any(-1) | listed_nan_or_inf
+    invalid = has_nan_or_inf | ~support.any(-1)
+
+    # The student over the support; the teacher on the valid listed tokens.
+    log_q = torch.log_softmax(b.masked_fill(~support, NEG_INF), dim=-1)
+    q = torch.where(support, log_q.exp(), 0.0)
+    log_p = torch.where(valid, teacher_log_p, 0.0)
+    p = torch.where(valid, log_p.exp(), 0.0)
+
+    # Rule 33: the bucket of the unlisted support tokens.
+    bucket = unlisted.any(-1)
+    p_bucket = torch.where(bucket, (1.0 - p.sum(-1)).clamp(min=2.0**-24), 0.0)
+    log_p_bucket = torch.where(bucket, p_bucket.log(), 0.0)
+    log_q_bucket = torch.where(bucket, torch.logsumexp(log_q.masked_fill(~unlisted, NEG_INF), dim=-1), 0.0)
+    q_bucket = torch.where(bucket, log_q_bucket.exp(), 0.0)
+
+    # Rule 32: FKL and RKL over the listed tokens and the bucket (0 log 0 = 0).
+    def times_log_ratio(x, log_x, log_y):
+        return torch.where(x > 0, x * (log_x - log_y), 0.0)
+
+    fkl = times_log_ratio(p, log_p, log_q).sum(-1) + times_log_ratio(p_bucket, log_p_bucket, log_q_bucket)
+    rkl = times_log_ratio(q, log_q, log_p).masked_fill(~valid, 0.0).sum(-1) + times_log_ratio(
+        q_bucket, log_q_bucket, log_p_bucket
+    )
+
+    # Rule 34: the head among the valid listed tokens, in stable descending order of log p.
+    order = torch.sort(teacher_log_p.masked_fill(~valid, NEG_INF), dim=-1, descending=True, stable=True).indices
+    running_mass = p.gather(-1, order).cumsum(-1)
+    head_in_order = running_mass <= mu if mu < 1 else torch.ones_like(running_mass, dtype=torch.bool)
+    head_in_order[:, 0] = True
+    head = torch.zeros_like(head_in_order).scatter(-1, order, head_in_order) & valid
+
+    # Rule 35: gaps (the bucket in the tail), weights as constants, the loss.
+    gap = (p - q.detach()).abs()
+    head_gap = torch.where(head, gap, 0.0).sum(-1)
+    tail_gap = torch.where(valid & ~head, gap, 0.0).sum(-1) + (p_bucket - q_bucket.detach()).abs()
+    if mode == "akl":
+        total_gap = head_gap + tail_gap
+        tied = total_gap == 0
+        head_weight = torch.where(tied, 0.5, head_gap / torch.where(tied, 1.0, total_gap))
+        tail_weight = torch.where(tied, 0.5, tail_gap / torch.where(tied, 1.0, total_gap))
+    else:
+        head_weight = torch.full_like(head_gap, 1.0 if mode == "fkl" else 0.0)
+        tail_weight = torch.full_like(head_gap, 1.0 if mode == "rkl" else 0.0)
+    loss = torch.where(invalid, float("nan"), head_weight * fkl + tail_weight * rkl)
+
+    stats = {
+        "fkl": fkl.detach(),
+        "rkl": rkl.detach(),
+        "head_gap": head_gap,
+        "tail_gap": tail_gap,
+        "head_weight": head_weight,
+        "tail_weight": tail_weight,
+    }
+    stats = {name: torch.where(invalid, float("nan"), value) for name, value in stats.items()}
+    stats["head_size"] = torch.where(invalid, 0, head.sum(-1))
+    return loss, stats
+
+
 def head_size_bounds(student_logits, teacher_logits, *, mu, temperature=1.0, tolerance):
     """Smallest and largest head sizes docs/semantics.md allows when cum_k is only known within
     tolerance (section 2, rule 25).
@@ -182,6 +274,9 @@ def reference_loss(
 ):
     """docs/semantics.md section 2 with reductions, for logits of shape (..., V).
 
+    teacher_logits may also be a sparse teacher, a (logprobs, indices) pair of shape (..., K)
+    (a TeacherTopK is one): rules 31-38 then give each row.
+
     Ignored rows (labels == ignore_index, compared as Python integers, so that no label dtype
     wraps ignore_index around) are never computed, so whatever they hold (NaN included)
     contributes exactly 0 to the loss and gets a zero gradient.
@@ -193,16 +288,26 @@ def reference_loss(
     vocab = student_logits.shape[-1]
     leading_shape = student_logits.shape[:-1]
     student_rows = student_logits.reshape(-1, vocab)
-    teacher_rows = teacher_logits.reshape(-1, vocab)
+    sparse = isinstance(teacher_logits, tuple)  # (logprobs, indices): a sparse teacher
+    if sparse:
+        listed = teacher_logits[0].shape[-1]
+        teacher_rows = tuple(x.reshape(-1, listed) for x in teacher_logits)
+    else:
+        teacher_rows = teacher_logits.reshape(-1, vocab)
     if labels is None:
         kept = torch.arange(student_rows.shape[0], device=student_rows.device)
     else:
         kept_list = [i for i, label in enumerate(labels.reshape(-1).tolist()) if label != ignore_index]
         kept = torch.tensor(kept_list, dtype=torch.int64, device=student_rows.device)
 
-    kept_loss, kept_stats = reference_row_losses(
-        student_rows[kept], teacher_rows[kept], mu=mu, temperature=temperature, mode=mode, beta=beta, alpha=alpha
-    )
+    if sparse:
+        kept_loss, kept_stats = reference_topk_row_losses(
+            student_rows[kept], *(x[kept] for x in teacher_rows), mu=mu, temperature=temperature, mode=mode
+        )
+    else:
+        kept_loss, kept_stats = reference_row_losses(
+            student_rows[kept], teacher_rows[kept], mu=mu, temperature=temperature, mode=mode, beta=beta, alpha=alpha
+        )
     row_loss = kept_loss.new_zeros(student_rows.shape[0]).index_put((kept,), kept_loss)
     stats = {
         name: value.new_zeros(student_rows.shape[0]).index_put((kept,), value).reshape(leading_shape)

@@ -201,10 +201,10 @@ def test_reductions(backend, mode, reduction):
 
 
 def test_non_contiguous_inputs(backend):
-    base_s, base_t = logits(6, 4, 300, scale=2.0), logits(6, 4, 300, scale=2.0)
+    base_s, base_t = logits(4, 3, 300, scale=2.0), logits(4, 3, 300, scale=2.0)
     views = [
         (base_s.transpose(0, 1), base_t.transpose(0, 1)),  # leading dims permuted
-        (base_s[::2, 1:], base_t[1::2, :3]),  # strided rows, not collapsible to one stride
+        (base_s[::2, 1:], base_t[1::2, :2]),  # strided rows, not collapsible to one stride
         (base_s.transpose(0, 2)[:100].transpose(0, 2), base_t[..., ::3]),  # vocabulary not contiguous
     ]
     for student, teacher in views:
@@ -277,8 +277,8 @@ def test_no_gradient_in_evaluation(backend, monkeypatch):
     seen = []
     original = loss_module.select_backend
 
-    def spy(*args):
-        row_backend = original(*args)
+    def spy(*args, **kwargs):
+        row_backend = original(*args, **kwargs)
 
         def wrapped(*inner):
             result = row_backend.row_losses(*inner)

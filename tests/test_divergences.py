@@ -113,7 +113,7 @@ def test_gradcheck(backend, loss, parameters):
     def fn(s):
         return distillation_loss(s, teacher, loss=loss, temperature=1.3, labels=labels, backend=backend, **parameters)
 
-    assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-7, fast_mode=backend == "triton")
 
 
 # Every loss on the torch backend; one on Triton's (its chunks are the same kernels as the logits

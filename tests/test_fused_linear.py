@@ -216,7 +216,8 @@ def test_gradcheck(backend, mode):
     student = [inputs[k].clone().requires_grad_(True) for k in ("student_hidden", "student_weight", "student_bias")]
     _, base = fn(*(x.detach() for x in student[:2]), student_bias=student[2].detach(), **teacher,
                  return_stats=True, **kwargs)
-    assert torch.autograd.gradcheck(frozen_weight_loss, student, eps=1e-6, atol=1e-7)
+    # fast_mode for Triton: the gradient along a random direction (see test_gradcheck.py)
+    assert torch.autograd.gradcheck(frozen_weight_loss, student, eps=1e-6, atol=1e-7, fast_mode=backend == "triton")
 
 
 def test_only_the_wanted_gradients(backend):

@@ -40,7 +40,9 @@ def test_gradcheck(backend, mode, reduction):
             return loss + drift
         return loss + (drift.sum() / kept if reduction == "mean" else drift.sum())
 
-    assert torch.autograd.gradcheck(frozen_weight_loss, (student,), eps=1e-6, atol=1e-7)
+    # Under the Triton interpreter each evaluation costs seconds: fast mode checks the gradient
+    # along a random direction (two evaluations) instead of one column per input element.
+    assert torch.autograd.gradcheck(frozen_weight_loss, (student,), eps=1e-6, atol=1e-7, fast_mode=backend == "triton")
 
 
 def test_akl_weights_are_constants_for_autograd(backend):

@@ -186,3 +186,65 @@ def test_fused_linear_run(tmp_path, cache):
     assert metrics["config"]["fused_linear"] is True
     log = metrics["runs"]["akl"]["train_log"]
     assert all(math.isfinite(entry["loss"]) and entry["head_size"] >= 1.0 for entry in log)
+
+
+def test_stored_teacher_step_with_every_token_equals_the_dense_step():
+    # A stored teacher that lists the whole vocabulary is the dense teacher (rule 37): the same
+    # KD loss and student gradients, from logits and from hidden states.
+    torch.manual_seed(1)
+    vocab = _Vocabulary()
+    student = train_example.build_model("gpt2", vocab, width=32, layers=1, max_positions=16)
+    teacher = train_example.build_model("gpt2", vocab, width=64, layers=1, max_positions=16).eval()
+    examples = [([5, 6, 7], [8, 9, 10, 11]), ([12], [13, 14])]
+    inputs = train_example.collate(examples, pad_id=0)
+    for fused in (False, True):
+        args = argparse.Namespace(kd_ratio=0.5, mu=0.5, temperature=1.0, fused_linear=fused, pad_id=0)
+        stored = train_example.StoredTeacher(
+            train_example.StoredTeacher.build(teacher, examples, len(vocab), _TinyPreset, args, _OneRank()), examples
+        )
+        model = train_example.FinalHiddenStates(student) if fused else student
+        results = []
+        for step_teacher in (teacher, stored.batch(examples, inputs["input_ids"].shape[1], "cpu")):
+            student.zero_grad(set_to_none=True)
+            _, _, kd, _ = train_example.training_losses(model, student, step_teacher, inputs, "akl", args, False)
+            kd.backward()
+            results.append((kd.item(), [p.grad.clone() for p in student.parameters()]))
+        # float16 storage of the log-probabilities: agreement to about 1e-3
+        assert results[1][0] == pytest.approx(results[0][0], rel=2e-3, abs=1e-4)
+        for ours, dense in zip(results[1][1], results[0][1]):
+            torch.testing.assert_close(ours, dense, rtol=2e-2, atol=2e-4)
+
+
+def test_offline_run_from_a_stored_top_k_teacher(tmp_path, cache):
+    out = tmp_path / "offline"
+    run("train_example.py", "--quick", "--teacher-topk", "8", "--steps", "3", "--device", "cpu", "--out", str(out),
+        "--cache", str(cache))
+    metrics = json.loads((out / "metrics.json").read_text())
+    run_metrics = metrics["runs"]["akl-top8"]
+    stored = run_metrics["stored_teacher"]
+    assert stored["k"] == 8 and stored["tokens"] > 0 and Path(stored["file"]).exists()
+    # float16 log-probabilities and int32 indices: 6 bytes a listed token, plus the file's framing
+    assert 48 <= stored["bytes_per_token"] < 60
+    assert stored["build_s"] is None or stored["build_s"] > 0
+    assert all(math.isfinite(entry["kd_loss"]) for entry in run_metrics["train_log"])
+    assert math.isfinite(run_metrics["final"]["val_kd_loss"])  # measured against the full teacher
+
+
+def test_topk_options_are_checked():
+    assert train_example.parse_args(["--compare-topk", "8,32"]).compare_topk == [8, 32]
+    for bad in (["--teacher-topk", "0"], ["--teacher-topk", "8,16"], ["--compare-topk", "x"],
+                ["--teacher-topk", "8", "--compare", "akl"]):
+        with pytest.raises(SystemExit):
+            train_example.parse_args(bad)
+
+
+class _TinyPreset:
+    """What StoredTeacher.build reads from a preset."""
+
+    batch_size = 2
+
+
+class _OneRank:
+    """What StoredTeacher.build reads from Ranks: one process on the CPU."""
+
+    device, main = torch.device("cpu"), True

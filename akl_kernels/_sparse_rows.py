@@ -1,0 +1,249 @@
+"""Rows against a sparse teacher (TeacherTopK): the maths over the K listed tokens, shared by both
+backends, around two vocabulary-long passes over the student that each backend provides.
+
+A backend's part (:class:`StudentPasses`):
+
+- ``unlisted_logsumexp(student, indices, keep, temperature, dtype)`` reads each kept student row
+  once and returns three (N,) tensors: the log-sum-exp of b = s / T (in dtype) over the support
+  tokens that are not listed (-inf when there are none; computed from those tokens alone, never
+  as a difference), how many there are (int64), and whether the row holds NaN or +inf (bool);
+- ``gradient(student, indices, keep, temperature, lse, listed_grad, unlisted_factor, grad_out)``
+  writes the gradient once: ``listed_grad`` (N, K) at listed tokens, ``exp(b_j - lse) *
+  unlisted_factor`` at the other support tokens, 0 off the support and on ignored rows, rounded
+  once to the student's dtype (into grad_out when given).
+
+Everything else (the listed student logits, the normaliser, the bucket, FKL and RKL, the head
+among the listed tokens, the gaps, weights, loss and the gradient's coefficients) is computed
+here on (N, K) tensors: nothing vocabulary-sized is made for the teacher. The rules are those of
+docs/semantics.md, rules 31-38. ``indices`` are sorted ascending per row (padding -1 first), and
+the listed values travel in that order, so that a pass can find the listed tokens of each block
+of the row as a contiguous run of them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from ._rows import STATS_FIELDS, RowBackend, RowLossConfig, RowLosses, compute_dtype
+from .divergences import BY_MODE
+
+# The floor of the bucket's teacher mass (rule 33): keeps RKL finite when the stored
+# log-probabilities leave no missing mass after rounding.
+BUCKET_FLOOR = 2.0**-24
+
+# Leading columns of the per-row state that row_gradient reads; the K listed coefficients follow.
+STATE_LSE, STATE_UNLISTED, STATE_COLUMNS = 0, 1, 2
+
+
+class StudentPasses(NamedTuple):
+    """A backend's two vocabulary-long passes over the student (module docstring)."""
+
+    unlisted_logsumexp: Callable[..., tuple]
+    gradient: Callable[..., torch.Tensor]
+
+
+def sparse_backend(passes: StudentPasses, split_path_name) -> RowBackend:
+    """The RowBackend of a backend for TeacherTopK teachers, built on its two passes."""
+    return RowBackend(
+        row_losses=functools.partial(sparse_row_losses, passes),
+        row_gradient=functools.partial(sparse_row_gradient, passes),
+        # The gradient pass reads the student again either way; in backward it also takes
+        # grad_output in before the one rounding to the student's dtype.
+        forward_gradient_dtypes=(),
+        split_path_name=split_path_name,
+    )
+
+
+def sorted_by_index(teacher):
+    """(indices, logprobs) of a TeacherTopK as (N, K) tensors, each row sorted by index (-1 first)."""
+    vocab_listed = teacher.indices.shape[-1]
+    indices, order = teacher.indices.reshape(-1, vocab_listed).to(torch.int64).sort(dim=-1)
+    logprobs = teacher.logprobs.reshape(-1, vocab_listed).gather(-1, order)
+    return indices, logprobs
+
+
+class _Listed(NamedTuple):
+    """The (N, K) and (N,) values of the listed tokens and the bucket that loss and gradient use."""
+
+    valid: torch.Tensor  # (N, K) bool: listed, on the student's support, teacher log-prob > -inf
+    log_p: torch.Tensor  # (N, K) 0 where not valid
+    p: torch.Tensor
+    log_q: torch.Tensor
+    q: torch.Tensor
+    bucket: torch.Tensor  # (N,) bool: some support token is not listed
+    log_p_bucket: torch.Tensor
+    p_bucket: torch.Tensor
+    log_q_bucket: torch.Tensor
+    q_bucket: torch.Tensor
+    lse: torch.Tensor  # (N,) log-sum-exp of b over the whole support
+    invalid: torch.Tensor  # (N,) bool: NaN/+inf in the row, or an empty support
+
+
+def _listed_values(passes, student, indices, logprobs, keep, temperature, dtype) -> _Listed:
+    """Rules 31-33: the two distributions on the listed tokens and the bucket."""
+    safe = indices.clamp(min=0).reshape(*student.shape[:-1], indices.shape[-1])
+    listed_student = student.gather(-1, safe).reshape(indices.shape).to(dtype) / temperature  # (N, K)
+    log_p = logprobs.to(dtype)
+    listed = indices >= 0
+    valid = listed & (listed_student > float("-inf")) & (log_p > float("-inf"))
+    lse_unlisted, unlisted_count, has_nan_or_inf = passes.unlisted_logsumexp(student, indices, keep, temperature, dtype)
+    bad_logprobs = (listed & (log_p.isnan() | (log_p == float("inf")))).any(-1)
+
+    # log-sum-exp over the support: the unlisted part from the pass, the listed part here.
+    b = torch.where(valid, listed_student, float("-inf"))
+    top = torch.maximum(lse_unlisted, b.amax(-1))
+    top = torch.where(top.isfinite(), top, 0.0)
+    lse = top + torch.log(torch.exp(lse_unlisted - top) + torch.exp(b - top[:, None]).sum(-1))
+    bucket = unlisted_count > 0
+    invalid = has_nan_or_inf | bad_logprobs | ~(bucket | valid.any(-1))
+
+    log_q = torch.where(valid, listed_student - lse[:, None], 0.0)
+    q = torch.where(valid, log_q.exp(), 0.0)
+    log_p = torch.where(valid, log_p, 0.0)
+    p = torch.where(valid, log_p.exp(), 0.0)
+    # The bucket: teacher mass 1 - sum p, at least BUCKET_FLOOR; student mass from its own
+    # log-sum-exp (exact where q_B is tiny, unlike 1 - sum q).
+    p_bucket = torch.where(bucket, (1.0 - p.sum(-1)).clamp(min=BUCKET_FLOOR), 0.0)
+    log_p_bucket = torch.where(bucket, p_bucket.log(), 0.0)
+    log_q_bucket = torch.where(bucket, lse_unlisted - lse, 0.0)
+    q_bucket = torch.where(bucket, log_q_bucket.exp(), 0.0)
+    return _Listed(valid, log_p, p, log_q, q, bucket, log_p_bucket, p_bucket, log_q_bucket, q_bucket, lse, invalid)
+
+
+def _times_log_ratio(x, log_x, log_y):
+    """x (log x - log y), 0 where x is 0 (rule 21: a term of probability 0 is 0)."""
+    return torch.where(x > 0, x * (log_x - log_y), 0.0)
+
+
+def _head(listed: _Listed, mu, indices):
+    """Rule 34: the head among the valid listed tokens, (N, K) bool.
+
+    Order by teacher log-probability descending, ties by lower index (the rows are sorted by
+    index, so a stable sort keeps that); the head is the longest prefix whose running mass
+    stays <= mu, at least one token; at mu = 1 every valid listed token.
+    """
+    key = torch.where(listed.valid, listed.log_p, float("-inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    valid_in_order = listed.valid.gather(-1, order)
+    if mu < 1:
+        head_in_order = listed.p.gather(-1, order).cumsum(-1) <= mu
+        head_in_order[:, 0] = True
+    else:
+        head_in_order = torch.ones_like(valid_in_order)
+    head_in_order &= valid_in_order
+    return torch.zeros_like(head_in_order).scatter(-1, order, head_in_order)
+
+
+def sparse_row_losses(
+    passes: StudentPasses,
+    student: torch.Tensor,
+    teacher,
+    keep: torch.Tensor | None,
+    grad_scale: torch.Tensor,
+    config: RowLossConfig,
+    compute_grad: bool,
+    grad_out: torch.Tensor | None = None,
+) -> RowLosses:
+    """Per-row losses against a TeacherTopK; arguments and result as RowBackend.row_losses.
+
+    student: (..., V); teacher: TeacherTopK of (..., K). The state is (N, 2 + K): the row's
+    log-sum-exp, the bucket's gradient factor and the listed tokens' gradient coefficients (in
+    index order), each before the row's scale and 1/T.
+    """
+    family = BY_MODE[config.mode]
+    if family.has_terms:
+        raise NotImplementedError(f"loss mode {config.mode!r} does not take a sparse teacher")
+    vocab = student.shape[-1]
+    n_rows = student.numel() // vocab
+    dtype = compute_dtype(student.dtype, teacher.logprobs.dtype)
+    indices, logprobs = sorted_by_index(teacher)
+    v = _listed_values(passes, student, indices, logprobs, keep, config.temperature, dtype)
+
+    # Rule 32: FKL and RKL over the listed tokens and the bucket.
+    fkl = _times_log_ratio(v.p, v.log_p, v.log_q).sum(-1) + _times_log_ratio(v.p_bucket, v.log_p_bucket, v.log_q_bucket)
+    rkl = _times_log_ratio(v.q, v.log_q, v.log_p).sum(-1) + _times_log_ratio(v.q_bucket, v.log_q_bucket, v.log_p_bucket)
+
+    # Rules 34-35: the head, the gaps (the bucket always in the tail) and the weights.
+    head = _head(v, config.mu, indices)
+    gap = (v.p - v.q).abs()
+    head_gap = torch.where(head, gap, 0.0).sum(-1)
+    tail_gap = torch.where(v.valid & ~head, gap, 0.0).sum(-1) + (v.p_bucket - v.q_bucket).abs()
+    if family.kl_weights is None:  # AKL
+        total = head_gap + tail_gap
+        tied = total == 0
+        head_weight = torch.where(tied, 0.5, head_gap / torch.where(tied, 1.0, total))
+        tail_weight = torch.where(tied, 0.5, tail_gap / torch.where(tied, 1.0, total))
+    else:
+        fixed_head, fixed_tail = family.kl_weights
+        head_weight, tail_weight = torch.full_like(fkl, fixed_head), torch.full_like(fkl, fixed_tail)
+    loss = head_weight * fkl + tail_weight * rkl
+
+    # Rule 36: the gradient's coefficients with the weights held constant. With P the teacher's
+    # total listed + bucket mass and o(j) the outcome of token j (itself, or the bucket):
+    # d loss / d b_j = w_h q_j (P - p_o / q_o) + w_t q_j (log q_o - log p_o - RKL).
+    total_p = v.p.sum(-1) + v.p_bucket
+    log_ratio = v.log_q - v.log_p - rkl[:, None]
+    listed_grad = head_weight[:, None] * (v.q * total_p[:, None] - v.p) + tail_weight[:, None] * torch.where(
+        v.q > 0, v.q * log_ratio, 0.0
+    )
+    listed_grad = torch.where(v.valid, listed_grad, 0.0)
+    bucket_live = v.q_bucket > 0  # a bucket whose student mass underflowed gets no gradient
+    unlisted_factor = torch.where(
+        bucket_live,
+        head_weight * (total_p - v.p_bucket / torch.where(bucket_live, v.q_bucket, 1.0))
+        + tail_weight * (v.log_q_bucket - v.log_p_bucket - rkl),
+        0.0,
+    )
+
+    # Invalid rows: NaN loss, statistics and gradient, head size 0; ignored rows: all 0.
+    nan = float("nan")
+    stats = torch.stack((fkl, rkl, head_gap, tail_gap, head_weight, tail_weight))
+    stats = torch.where(v.invalid, nan, stats)
+    loss = torch.where(v.invalid, nan, loss)
+    head_size = torch.where(v.invalid, 0, head.sum(-1))
+    lse = torch.where(v.invalid, nan, v.lse)
+    listed_grad = torch.where(v.invalid[:, None], nan, listed_grad)
+    unlisted_factor = torch.where(v.invalid, nan, unlisted_factor)
+    if keep is not None:
+        loss = torch.where(keep, loss, 0.0)
+        stats = torch.where(keep, stats, 0.0)
+        head_size = torch.where(keep, head_size, 0)
+    state = torch.cat((lse[:, None], unlisted_factor[:, None], listed_grad), dim=1)
+    assert len(STATS_FIELDS) == stats.shape[0] and state.shape == (n_rows, STATE_COLUMNS + indices.shape[1])
+
+    grad = None
+    if compute_grad:
+        grad = _gradient(passes, student, indices, keep, grad_scale.to(dtype).expand(n_rows), state, config, grad_out)
+    split_path = torch.zeros(n_rows, dtype=torch.int32, device=student.device)
+    return RowLosses(loss, stats, head_size, grad, split_path, state)
+
+
+def sparse_row_gradient(
+    passes: StudentPasses,
+    student: torch.Tensor,
+    teacher,
+    keep: torch.Tensor | None,
+    row_scale: torch.Tensor,
+    state: torch.Tensor,
+    config: RowLossConfig,
+    grad_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """d(sum_i row_scale_i * loss_i) / d student from sparse_row_losses' state, in one pass."""
+    indices, _ = sorted_by_index(teacher)
+    return _gradient(passes, student, indices, keep, row_scale.to(state.dtype), state, config, grad_out)
+
+
+def _gradient(passes, student, indices, keep, row_scale, state, config, grad_out):
+    # The row's factor and 1/T enter the coefficients before the pass, the one rounding after it.
+    factor = row_scale * (1.0 / config.temperature)
+    if keep is not None:
+        factor = torch.where(keep, factor, 0.0)  # no 0 * NaN from ignored rows' state
+    listed_grad = state[:, STATE_COLUMNS:] * factor[:, None]
+    unlisted_factor = state[:, STATE_UNLISTED] * factor
+    return passes.gradient(
+        student, indices, keep, config.temperature, state[:, STATE_LSE], listed_grad, unlisted_factor, grad_out
+    )
