@@ -143,6 +143,7 @@ class BenchSession:
                  "label": shape.label, "rows": shape.rows,
                  "hidden": shape.hidden, "vocab": shape.vocab, "dtype": shape.dtype_name,
                  "temperature": getattr(shape, "temperature", None), "source": getattr(shape, "source", None),
+                 "topk": getattr(shape, "topk", 0),
                  "split_paths": None,
                  "status": "measured", "reason": None, "rounds": None, "forward_s": None, "backward_s": None,
                  "fwd_bwd_s": None, "peak_extra_bytes": None, "memory_note": None, "grad_bytes": None,

@@ -8,7 +8,8 @@
 #      stay with CI: they need no GPU);
 #   2. akl_loss on 16800 x 128256 > 2^31 bf16 logits against the reference on sampled rows;
 #   3. the GPU benchmarks (benchmarks/workloads.py gives the order: the target shapes
-#      16384 x 128256 bf16 and fp32, the split-price workloads (T = 2, real rows), the
+#      16384 x 128256 bf16 and fp32, the split-price workloads (T = 2, real rows), the stored
+#      top-32 and top-128 teacher at 16384 x 128256 bf16 (two more kernels to compile), the
 #      fused-linear case, then the rest of the matrix; then the rest of the loss family (jsd,
 #      tvd, skl, srkl, and Liger's JSD and TVD as their peers); the compiled reference last), each
 #      record written to $OUT/cuda.json as it finishes, rendered to $OUT/cuda.md (and .png).
@@ -16,7 +17,7 @@
 # Time (estimate for an H200 host with 16 cores, 2026-12-02; nothing here has run on one yet):
 #   setup ~10 s; tests ~120 s with pytest-xdist on 8 workers (~280 kernel specialisations at
 #   ~1.5 s of compilation each, spread over the workers; the jsd/tvd/skl/srkl cases of
-#   2026-12-02 added ~90; without xdist the 150 s limit cuts the run and pytest still prints
+#   2026-12-02 added ~90, the stored teacher's ~40 of 2026-12-03 ~60; without xdist the 150 s limit cuts the run and pytest still prints
 #   its summary); large check ~30 s (5 kernels to compile, 17 GB of tensors); benchmarks: ~60 s
 #   of kernel compilation for 3 losses x 2 dtypes, then ~0.5 s a case at the target shapes, the
 #   eager reference skipped where it cannot fit (16384 x 128256), the rest of the family after

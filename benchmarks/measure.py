@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from akl_kernels import TeacherTopK
+
 from benchmarks.contenders import BY_NAME, LossFn, contenders_for, loss_fn, with_temperature
 from benchmarks.workloads import LinearShape, Shape, make_inputs, shape_from_label
 
@@ -88,8 +90,8 @@ def reference_fits(rows: int, vocab: int, device) -> tuple[bool, str]:
 
 def first_rows(inputs: tuple, differentiated: int, rows: int = 8) -> tuple:
     """The inputs cut to their first rows (hidden states or logits; weights stay whole)."""
-    if differentiated == 1:
-        return tuple(x[:rows] for x in inputs)
+    if differentiated == 1:  # logits, and the teacher's logits or stored pairs
+        return tuple(TeacherTopK(*(y[:rows] for y in x)) if isinstance(x, TeacherTopK) else x[:rows] for x in inputs)
     student_hidden, student_weight, teacher_hidden, teacher_weight = inputs
     return student_hidden[:rows], student_weight, teacher_hidden[:rows], teacher_weight
 

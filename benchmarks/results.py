@@ -65,8 +65,10 @@ def render(path: Path, plot: bool = True) -> tuple[Path, Path]:
 
 
 def _shape_key(r):
-    # results written before the split-price workloads have no temperature or source: T = 1, LM-like
-    return r["dtype"], r["rows"], r.get("hidden"), r["vocab"], r.get("temperature") or 1.0, r.get("source") or "lm"
+    # results written before the split-price workloads have no temperature or source: T = 1, LM-like;
+    # before the stored teacher, no topk: a dense teacher (0)
+    return (r["dtype"], r["rows"], r.get("hidden"), r["vocab"], r.get("temperature") or 1.0, r.get("source") or "lm",
+            r.get("topk") or 0)
 
 
 def _shape_text(r):
@@ -76,6 +78,8 @@ def _shape_text(r):
         text += " real rows"
     if r.get("temperature") not in (None, 1.0):
         text += f" T={r['temperature']:g}"
+    if r.get("topk"):
+        text += f" stored top-{r['topk']}"
     return text
 
 
@@ -114,6 +118,7 @@ def markdown_report(data, plot_name=None) -> str:
     lines += ["", *spec_summary(data)]
     lines += split_price_summary(data)
     lines += family_summary(data)
+    lines += stored_teacher_summary(data)
     lines += _fused_linear_report(records)
     if skipped:
         lines += ["", "Skipped (contender, shape: reason):", ""]
@@ -186,7 +191,7 @@ def spec_summary(data) -> list[str]:
     measured = {(r["contender"], *_shape_key(r)): r for r in records if r["status"] == "measured"}
     if env["device_type"] != "cuda":
         t = CPU_TARGET
-        key = (t["dtype"], t["rows"], None, t["vocab"], 1.0, "lm")
+        key = (t["dtype"], t["rows"], None, t["vocab"], 1.0, "lm", 0)
         ours, ref = measured.get((OURS, *key)), measured.get(("reference (eager)", *key))
         if not (ours and ref):
             return [f"docs/semantics.md section 5 CPU target ({t['dtype']}, N={t['rows']}, V={t['vocab']}): not measured in this run."]
@@ -227,7 +232,7 @@ def split_price_summary(data) -> list[str]:
     lines = []
     for (name, *key), akl in measured.items():
         fkl = measured.get(("fkl_loss", *key))
-        if name != OURS or fkl is None:
+        if name != OURS or fkl is None or akl.get("topk"):
             continue
         price = akl["fwd_bwd_s"] / fkl["fwd_bwd_s"]
         paths = ", ".join(f"{path} {share:.0%}" if share >= 0.01 else f"{path} <1%"
@@ -239,6 +244,27 @@ def split_price_summary(data) -> list[str]:
     return ["", f"Split price (docs/semantics.md section 5: akl_loss forward+backward at most {SPLIT_PRICE_TARGET}x fkl_loss's), "
             "with the share of rows that took each path of the head/tail split:", "",
             "| shape | akl_loss ms | fkl_loss ms | akl / fkl | split paths |", "|---|---:|---:|---:|---|", *lines]
+
+
+def stored_teacher_summary(data) -> list[str]:
+    """akl_loss from a stored top-K teacher (a TeacherTopK) against akl_loss from the dense
+    teacher logits of the same shape: forward+backward time and peak extra memory."""
+    measured = {(r["contender"], *_shape_key(r)): r for r in data["results"] if r["status"] == "measured"}
+    lines = []
+    for (name, *key), sparse in measured.items():
+        dense = measured.get((name, *key[:-1], 0))
+        if name != OURS or not sparse.get("topk") or dense is None:
+            continue
+        memory = _ratio(sparse, dense, "peak_extra_bytes")
+        lines.append(f"| {_shape_text(dense)} | {sparse['topk']} | {_fmt(sparse['fwd_bwd_s'], 1e3)} | "
+                     f"{_fmt(dense['fwd_bwd_s'], 1e3)} | **{sparse['fwd_bwd_s'] / dense['fwd_bwd_s']:.2f}x** | "
+                     f"{_fmt(memory, digits=2)} |")
+    if not lines:
+        return []
+    return ["", "The stored (top-K) teacher: akl_loss from a TeacherTopK (float16 log-probabilities, int32 "
+            "indices) against akl_loss from the dense teacher logits (forward+backward):", "",
+            "| shape | K | stored ms | dense ms | stored / dense time | stored / dense peak memory |",
+            "|---|---:|---:|---:|---:|---:|", *lines]
 
 
 def family_summary(data) -> list[str]:
@@ -273,7 +299,7 @@ def _plot(data, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = [r for r in data["results"] if r["status"] == "measured" and r.get("hidden") is None
-               and _shape_key(r)[4:] == (1.0, "lm")]  # the main matrix
+               and _shape_key(r)[4:] == (1.0, "lm", 0)]  # the main matrix
     panels = sorted({(r["dtype"], r["rows"]) for r in records})
     fig, axes = plt.subplots(len(panels) or 1, 2, figsize=(11, 3.2 * max(1, len(panels))), squeeze=False)
     for (dtype, rows), (time_ax, memory_ax) in zip(panels, axes):

@@ -10,6 +10,8 @@ from typing import ClassVar
 
 import torch
 
+from akl_kernels import TeacherTopK, teacher_topk
+
 # Issue 3's matrix. CPU, float32 (N, V) pairs: small enough that the whole suite, the
 # fused-linear case included, runs within 5 minutes on 2 cores; it contains docs/semantics.md section 5's CPU
 # target (N=1024, V=32000). (1024, 50257) was dropped for issue 6's case: its eager reference
@@ -24,6 +26,9 @@ REAL_VOCAB = 49152
 CPU_SPLIT_SHAPES = (("lm", 1024, 32000, 2.0), ("real", 1024, REAL_VOCAB, 1.0), ("real", 1024, REAL_VOCAB, 2.0))
 GPU_SPLIT_SHAPES = (("lm", 16384, 128256, 2.0), ("real", 16384, REAL_VOCAB, 1.0), ("real", 16384, REAL_VOCAB, 2.0))
 SPLIT_PRICE_TARGET = 1.5  # akl_loss forward+backward at most this times fkl_loss's
+# The stored (sparse) teacher at K = 32 and 128 beside the dense teacher of the same shape.
+CPU_TOPK_SHAPES = ((1024, 32000, 32), (1024, 32000, 128))
+GPU_TOPK_SHAPES = ((16384, 128256, 32), (16384, 128256, 128))
 CPU_TARGET = {"rows": 1024, "vocab": 32000, "dtype": "float32", "speedup": 8.0, "memory_ratio": 1.25}
 # Issue 6's fused-linear shapes (N tokens, hidden size H, vocabulary V) and its CPU memory target:
 # fused_linear_akl_loss needs at least 5x less peak memory than materialised logits.
@@ -42,6 +47,7 @@ class Shape:
     dtype: torch.dtype
     temperature: float = 1.0
     source: str = "lm"
+    topk: int = 0  # > 0: the teacher is stored as its top-k (a TeacherTopK, made before timing)
     hidden: ClassVar[None] = None
     differentiated: ClassVar[int] = 1  # leading inputs that receive a gradient
 
@@ -52,6 +58,7 @@ class Shape:
     @property
     def label(self) -> str:
         suffix = ("-real" if self.source == "real" else "") + (f"-T{self.temperature:g}" if self.temperature != 1 else "")
+        suffix += f"-top{self.topk}" if self.topk else ""
         return f"{self.dtype_name}-{self.rows}x{self.vocab}{suffix}"
 
 
@@ -81,7 +88,8 @@ def shape_from_label(label: str) -> Shape | LinearShape:
     if len(sizes) == 3:
         return LinearShape(*sizes, getattr(torch, dtype))
     temperature = next((float(tag[1:]) for tag in tags if tag.startswith("T")), 1.0)
-    return Shape(*sizes, getattr(torch, dtype), temperature, "real" if "real" in tags else "lm")
+    topk = next((int(tag[3:]) for tag in tags if tag.startswith("top")), 0)
+    return Shape(*sizes, getattr(torch, dtype), temperature, "real" if "real" in tags else "lm", topk)
 
 
 def linear_shapes_for(device: torch.device) -> list[LinearShape]:
@@ -102,10 +110,12 @@ def shapes_for(device: torch.device) -> list[Shape | LinearShape]:
         matrix = [Shape(n, v, d) for d in GPU_DTYPES for n in GPU_ROWS for v in GPU_VOCABS]
         target = [s for s in matrix if s.rows * s.vocab >= 2**30]
         split = [Shape(n, v, torch.bfloat16, t, source) for source, n, v, t in GPU_SPLIT_SHAPES]
+        stored = [Shape(n, v, torch.bfloat16, topk=k) for n, v, k in GPU_TOPK_SHAPES]
         rest = sorted((s for s in matrix if s not in target), key=lambda s: -s.rows * s.vocab)
-        return target + split + linear + rest
+        return target + split + stored + linear + rest
     return linear + [Shape(n, v, torch.float32) for n, v in CPU_SHAPES] + [
-        Shape(n, v, torch.float32, t, source) for source, n, v, t in CPU_SPLIT_SHAPES]
+        Shape(n, v, torch.float32, t, source) for source, n, v, t in CPU_SPLIT_SHAPES] + [
+        Shape(n, v, torch.float32, topk=k) for n, v, k in CPU_TOPK_SHAPES]
 
 
 # Real next-token logits (SmolLM2-135M-Instruct, 129 rows x 49152, bf16), in the project's shared
@@ -158,6 +168,9 @@ def make_inputs(shape: Shape | LinearShape, device: torch.device, seed: int = 0)
         return tiled_real_rows(shape.rows, device, shape.dtype)
     student = realistic_logits(shape.rows, shape.vocab, generator=generator, dtype=shape.dtype, device=device)
     teacher = realistic_logits(shape.rows, shape.vocab, generator=generator, dtype=shape.dtype, device=device)
+    if shape.topk:  # what an offline run stores: float16 log-probabilities, int32 indices
+        stored = teacher_topk(teacher, shape.topk)
+        return student, TeacherTopK(stored.logprobs.half(), stored.indices.int())
     return student, teacher
 
 

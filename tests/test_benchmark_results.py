@@ -126,3 +126,20 @@ def test_gpu_results_without_copy_bandwidth_still_render():
     text = results.markdown_report({"environment": environment("cuda", None), "results": _with_ratios(records)})
     assert "(not measured in this run)" in text
     assert "- bfloat16 16384 x 128256: copy bandwidth not measured; no peer measured" in text
+
+
+def test_stored_teacher_against_the_dense_teacher_of_the_same_shape(tmp_path):
+    records = [
+        record("akl_loss", 1024, 32000, "float32", 0.40, peak_extra_bytes=200),
+        record("fkl_loss", 1024, 32000, "float32", 0.30),
+        record("akl_loss", 1024, 32000, "float32", 0.20, topk=32, peak_extra_bytes=100),
+        record("fkl_loss", 1024, 32000, "float32", 0.10, topk=32),
+    ]
+    path = tmp_path / "cpu.json"
+    results.write(path, environment("cpu"), records, plot=False)
+    markdown = path.with_suffix(".md").read_text()
+    assert "| float32 1024 x 32000 | 32 | 200.0 | 400.0 | **0.50x** | 0.50 |" in markdown
+    # the stored teacher's records are neither the dense workload's nor a split price
+    assert "float32 1024 x 32000 stored top-32 | 200.0 | 100.0" not in markdown
+    ratios = {(r["contender"], r.get("topk")): r["time_ratio_to_akl_loss"] for r in json.loads(path.read_text())["results"]}
+    assert ratios[("fkl_loss", 32)] == 0.5 and ratios[("fkl_loss", None)] == 0.30 / 0.40

@@ -36,8 +36,22 @@ ROOT = Path(__file__).resolve().parent.parent
 STREAMING_KERNELS = ("_row_statistics_kernel", "_gap_kernel", "_gap_kernel_bracket", "_terms_kernel", "_gradient_kernel")
 
 
-@pytest.fixture(scope="module")
-def compiled():
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return _compile()
+    # Under pytest-xdist the workers share one compilation: the first writes it into the run's
+    # temporary folder (shared by the workers, new for every run), the others wait and read it.
+    from filelock import FileLock
+
+    path = tmp_path_factory.getbasetemp().parent / "aot_compile.json"
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            path.write_text(json.dumps(_compile()))
+    return json.loads(path.read_text())
+
+
+def _compile():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
         [sys.executable, "-m", "tests.aot_compile"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
