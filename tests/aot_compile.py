@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 
 from akl_kernels._rows import TOPK
 from akl_kernels.divergences import BY_MODE, LossMode
+from akl_kernels.triton_sparse import _sparse_gradient_kernel, _unlisted_logsumexp_kernel
 from akl_kernels.triton_backend import (
     CAPACITY,
     LOSS_ROWS,
@@ -138,6 +139,31 @@ def compile_kernels(student, teacher, mode, split, compute_grad, has_keep, capab
             {**common, "MODE": int(mode), "BLOCK": block},
             streaming,
         ))
+    return _compile_all(kernels, capability)
+
+
+# The stored-teacher kernels (akl_kernels/triton_sparse.py): (student dtype, has_keep); K = 32.
+SPARSE_VARIANTS = [(90, ("bf16", True)), (90, ("fp32", True)), (90, ("bf16", False)), (80, ("bf16", True))]
+
+
+def compile_sparse_kernels(student, has_keep, capability):
+    """{kernel name: compiled kernel} for the two passes over the student of a stored teacher."""
+    block = block_size(LARGE_VOCAB)
+    common = {"HAS_KEEP": has_keep, "COMPUTE_DTYPE": tl.float32, "STUDENT_ALIGN": ELEMENTS_PER_16_BYTES[student],
+              "BLOCK": block, "K_BLOCK": 32}
+    rows = {"student_ptr": f"*{student}", "student_row_offsets_ptr": "*i64", "keep_ptr": "*i1", "indices_ptr": "*i64"}
+    sizes = {"n_rows": "i32", "V": "i32", "K": "i32"}
+    kernels = [
+        (_unlisted_logsumexp_kernel, {**rows, "out_ptr": "*fp32", "max_ptr": "*fp32", "c": "fp32", **sizes}, common,
+         num_warps(block)),
+        (_sparse_gradient_kernel, {**rows, "listed_grad_ptr": "*fp32", "lse_ptr": "*fp32", "unlisted_factor_ptr": "*fp32",
+                                   "grad_ptr": f"*{student}", "inv_t": "fp32", **sizes}, common, num_warps(block)),
+    ]
+    return _compile_all(kernels, capability)
+
+
+def _compile_all(kernels, capability):
+    """{name: compiled} for (kernel, signature, constants, num_warps) tuples."""
     compiled = {}
     for kernel, signature, constants, warps in kernels:
         names = list(signature)
@@ -153,6 +179,9 @@ def compile_kernels(student, teacher, mode, split, compute_grad, has_keep, capab
 
 
 def variant_id(capability, variant):
+    if len(variant) == 2:  # a stored-teacher variant
+        student, has_keep = variant
+        return f"sm{capability}-sparse-{student}-keep{int(has_keep)}"
     student, teacher, mode, split, compute_grad, has_keep = variant
     return (f"sm{capability}-{student}-{teacher}-{LossMode(mode).name}-split{int(split)}-grad{int(compute_grad)}"
             f"-keep{int(has_keep)}")
@@ -168,7 +197,8 @@ def memory_instructions(sass: str) -> dict:
 def compile_and_measure(capability, variant, sass_dir=None):
     """{kernel name: target, resources and memory instructions} of one variant."""
     report = {}
-    for name, kernel in compile_kernels(*variant, capability).items():
+    compile_variant = compile_sparse_kernels if len(variant) == 2 else compile_kernels
+    for name, kernel in compile_variant(*variant, capability).items():
         target = next(line for line in kernel.asm["ptx"].splitlines() if line.startswith(".target"))
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "kernel.cubin")
@@ -196,7 +226,8 @@ def main():
     if args.sass:
         os.makedirs(args.sass, exist_ok=True)
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        futures = {variant_id(c, v): pool.submit(compile_and_measure, c, v, args.sass) for c, v in VARIANTS}
+        futures = {variant_id(c, v): pool.submit(compile_and_measure, c, v, args.sass)
+                   for c, v in VARIANTS + SPARSE_VARIANTS}
         print(json.dumps({name: future.result() for name, future in futures.items()}))
 
 

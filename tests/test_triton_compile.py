@@ -30,7 +30,8 @@ from akl_kernels.triton_backend import (  # noqa: E402
     _split_kernel,
     _terms_kernel,
 )
-from tests.aot_compile import VARIANTS, variant_id  # noqa: E402
+from akl_kernels.triton_sparse import _sparse_gradient_kernel, _unlisted_logsumexp_kernel  # noqa: E402
+from tests.aot_compile import SPARSE_VARIANTS, VARIANTS, variant_id  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAMING_KERNELS = ("_row_statistics_kernel", "_gap_kernel", "_gap_kernel_bracket", "_terms_kernel", "_gradient_kernel")
@@ -92,8 +93,24 @@ def test_kernels_compile_within_budget(compiled, capability, variant):
             assert memory.get("STG.E.128", 0) >= 1, memory
 
 
+@pytest.mark.parametrize("capability,variant", SPARSE_VARIANTS, ids=[variant_id(c, v) for c, v in SPARSE_VARIANTS])
+def test_stored_teacher_kernels_compile_within_budget(compiled, capability, variant):
+    report = compiled[variant_id(capability, variant)]
+    assert sorted(report) == ["_sparse_gradient_kernel", "_unlisted_logsumexp_kernel"]
+    for name, usage in report.items():
+        assert usage["target"].startswith(f".target sm_{capability}"), name
+        assert 0 < usage["registers"] <= MAX_REGISTERS, (name, usage)
+        memory = usage["memory"]
+        assert usage["local"] == 0 and memory.get("LDL", 0) == 0 and memory.get("STL", 0) == 0, (name, usage)
+        assert memory.get("LDG.E.128", 0) >= 1, (name, memory)  # the student row, 16 bytes a thread a load
+    assert report["_sparse_gradient_kernel"]["memory"].get("STG.E.128", 0) >= 1
+
+
 def test_runtime_scalars_are_not_compile_time_constants():
     # mu, temperature and ignore_index must not trigger recompilation: none is a constexpr.
+    for kernel in (_unlisted_logsumexp_kernel, _sparse_gradient_kernel):  # T arrives as c = log2(e)/T, inv_t
+        annotations = {name: str(p.annotation) for name, p in inspect.signature(kernel.fn).parameters.items()}
+        assert "constexpr" not in annotations.get("c", annotations.get("inv_t"))
     for kernel in (_row_statistics_kernel, _split_kernel, _gap_kernel, _terms_kernel, _gradient_kernel):
         parameters = inspect.signature(kernel.fn).parameters
         assert not {"mu", "temperature", "ignore_index", "params_ptr"} & {
