@@ -92,6 +92,23 @@ class RowBackend(NamedTuple):
     split_path_name: Callable[[int], str]
 
 
+def times_log_ratio(x, log_x, log_y):
+    """x (log x - log y), and 0 where x is 0 (docs/semantics.md rule 21: a term of probability 0
+    is 0, whatever its log-ratio)."""
+    return torch.where(x > 0, x * (log_x - log_y), 0.0)
+
+
+def loss_weights(kl_weights, head_gap, tail_gap):
+    """(head_weight, tail_weight) per row: the loss's fixed kl_weights (divergences.py), or for
+    AKL (kl_weights None) the gaps' shares, 0.5 each where both gaps are 0 (rule 9)."""
+    if kl_weights is not None:
+        return tuple(torch.full_like(head_gap, w) for w in kl_weights)
+    total_gap = head_gap + tail_gap
+    tied = total_gap == 0
+    total_gap = torch.where(tied, 1.0, total_gap)
+    return torch.where(tied, 0.5, head_gap / total_gap), torch.where(tied, 0.5, tail_gap / total_gap)
+
+
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """float64 when any of the inputs' dtypes is float64, else float32 (docs/semantics.md
     section 2, rule 3)."""

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._rows import STATS_FIELDS, RowBackend, RowLossConfig, RowLosses, compute_dtype
+from ._rows import RowBackend, RowLossConfig, RowLosses, compute_dtype, loss_weights, times_log_ratio
 from .divergences import BY_MODE
 
 # The floor of the bucket's teacher mass (rule 33): keeps RKL finite when the stored
@@ -60,9 +60,9 @@ def sparse_backend(passes: StudentPasses, split_path_name) -> RowBackend:
 
 def sorted_by_index(teacher):
     """(indices, logprobs) of a TeacherTopK as (N, K) tensors, each row sorted by index (-1 first)."""
-    vocab_listed = teacher.indices.shape[-1]
-    indices, order = teacher.indices.reshape(-1, vocab_listed).to(torch.int64).sort(dim=-1)
-    logprobs = teacher.logprobs.reshape(-1, vocab_listed).gather(-1, order)
+    listed = teacher.indices.shape[-1]
+    indices, order = teacher.indices.reshape(-1, listed).to(torch.int64).sort(dim=-1)
+    logprobs = teacher.logprobs.reshape(-1, listed).gather(-1, order)
     return indices, logprobs
 
 
@@ -114,11 +114,6 @@ def _listed_values(passes, student, indices, logprobs, keep, temperature, dtype)
     return _Listed(valid, log_p, p, log_q, q, bucket, log_p_bucket, p_bucket, log_q_bucket, q_bucket, lse, invalid)
 
 
-def _times_log_ratio(x, log_x, log_y):
-    """x (log x - log y), 0 where x is 0 (rule 21: a term of probability 0 is 0)."""
-    return torch.where(x > 0, x * (log_x - log_y), 0.0)
-
-
 def _head(listed: _Listed, mu, indices):
     """Rule 34: the head among the valid listed tokens, (N, K) bool.
 
@@ -164,22 +159,15 @@ def sparse_row_losses(
     v = _listed_values(passes, student, indices, logprobs, keep, config.temperature, dtype)
 
     # Rule 32: FKL and RKL over the listed tokens and the bucket.
-    fkl = _times_log_ratio(v.p, v.log_p, v.log_q).sum(-1) + _times_log_ratio(v.p_bucket, v.log_p_bucket, v.log_q_bucket)
-    rkl = _times_log_ratio(v.q, v.log_q, v.log_p).sum(-1) + _times_log_ratio(v.q_bucket, v.log_q_bucket, v.log_p_bucket)
+    fkl = times_log_ratio(v.p, v.log_p, v.log_q).sum(-1) + times_log_ratio(v.p_bucket, v.log_p_bucket, v.log_q_bucket)
+    rkl = times_log_ratio(v.q, v.log_q, v.log_p).sum(-1) + times_log_ratio(v.q_bucket, v.log_q_bucket, v.log_p_bucket)
 
     # Rules 34-35: the head, the gaps (the bucket always in the tail) and the weights.
     head = _head(v, config.mu, indices)
     gap = (v.p - v.q).abs()
     head_gap = torch.where(head, gap, 0.0).sum(-1)
     tail_gap = torch.where(v.valid & ~head, gap, 0.0).sum(-1) + (v.p_bucket - v.q_bucket).abs()
-    if family.kl_weights is None:  # AKL
-        total = head_gap + tail_gap
-        tied = total == 0
-        head_weight = torch.where(tied, 0.5, head_gap / torch.where(tied, 1.0, total))
-        tail_weight = torch.where(tied, 0.5, tail_gap / torch.where(tied, 1.0, total))
-    else:
-        fixed_head, fixed_tail = family.kl_weights
-        head_weight, tail_weight = torch.full_like(fkl, fixed_head), torch.full_like(fkl, fixed_tail)
+    head_weight, tail_weight = loss_weights(family.kl_weights, head_gap, tail_gap)
     loss = head_weight * fkl + tail_weight * rkl
 
     # Rule 36: the gradient's coefficients with the weights held constant. With P the teacher's
@@ -213,7 +201,6 @@ def sparse_row_losses(
         stats = torch.where(keep, stats, 0.0)
         head_size = torch.where(keep, head_size, 0)
     state = torch.cat((lse[:, None], unlisted_factor[:, None], listed_grad), dim=1)
-    assert len(STATS_FIELDS) == stats.shape[0] and state.shape == (n_rows, STATE_COLUMNS + indices.shape[1])
 
     grad = None
     if compute_grad:

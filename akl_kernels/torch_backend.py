@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._rows import RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
+from ._rows import RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype, loss_weights, times_log_ratio
 from ._sparse_rows import StudentPasses, sparse_backend
 from .divergences import BY_MODE, LossMode
 
@@ -414,15 +414,7 @@ def _chunk_losses(a, b, chunk, config, grad_scale) -> _ChunkResult:
         head_size = torch.zeros(fkl.shape, dtype=torch.int64, device=fkl.device)
         path = torch.zeros(fkl.shape, dtype=torch.int32, device=fkl.device)
     del p
-    kl_weights = BY_MODE[config.mode].kl_weights
-    if kl_weights is None:  # AKL
-        total_gap = head_gap + tail_gap
-        tied = total_gap == 0
-        total_gap = torch.where(tied, 1.0, total_gap)
-        head_weight = torch.where(tied, 0.5, head_gap / total_gap)
-        tail_weight = torch.where(tied, 0.5, tail_gap / total_gap)
-    else:
-        head_weight, tail_weight = (torch.full_like(fkl, w) for w in kl_weights)
+    head_weight, tail_weight = loss_weights(BY_MODE[config.mode].kl_weights, head_gap, tail_gap)
 
     # Step 6: the loss, w_head FKL + w_tail RKL + D; a divergence with weight 0 adds nothing,
     # even when it is +inf.
@@ -521,11 +513,6 @@ def _log(weight):
     return NEG_INF if weight == 0 else math.log(weight)
 
 
-def _times_log_ratio(x, log_x, log_m):
-    """x (log x - log M), and 0 where x is 0 (the limit); M >= w x keeps the ratio bounded."""
-    return torch.where(x > 0, x * (log_x - log_m), 0.0)
-
-
 def _ratio(x, log_x, log_m):
     """x / M, and 0 where x is 0."""
     return torch.where(x > 0, (log_x - log_m).exp(), 0.0)
@@ -535,8 +522,8 @@ def _jsd_terms(p, q, log_p, log_q, mixture):
     # l = w_p p log(p / M) + w_q q log(q / M); dl/dq_j = w_q log(q_j / M_j) (the M terms cancel).
     w_p, w_q = mixture
     log_m = _mixture_log(log_p, log_q, mixture)
-    q_part = _times_log_ratio(q, log_q, log_m)
-    return _times_log_ratio(p, log_p, log_m).mul_(w_p).add_(q_part, alpha=w_q), q_part.mul_(w_q)
+    q_part = times_log_ratio(q, log_q, log_m)
+    return times_log_ratio(p, log_p, log_m).mul_(w_p).add_(q_part, alpha=w_q), q_part.mul_(w_q)
 
 
 def _tvd_terms(p, q, log_p, log_q, mixture):
@@ -548,13 +535,13 @@ def _tvd_terms(p, q, log_p, log_q, mixture):
 def _skl_terms(p, q, log_p, log_q, mixture):
     # l = p log(p / M); dl/dq_j = -w_q p_j / M_j.
     log_m = _mixture_log(log_p, log_q, mixture)
-    return _times_log_ratio(p, log_p, log_m), _ratio(p, log_p, log_m).mul_(q).mul_(-mixture[1])
+    return times_log_ratio(p, log_p, log_m), _ratio(p, log_p, log_m).mul_(q).mul_(-mixture[1])
 
 
 def _srkl_terms(p, q, log_p, log_q, mixture):
     # l = q log(q / M); dl/dq_j = log(q_j / M_j) + 1 - w_q q_j / M_j (the 1 cancels in the gradient).
     log_m = _mixture_log(log_p, log_q, mixture)
-    term = _times_log_ratio(q, log_q, log_m)
+    term = times_log_ratio(q, log_q, log_m)
     return term, term - _ratio(q, log_q, log_m).mul_(q).mul_(mixture[1])
 
 

@@ -82,14 +82,7 @@ def reference_row_losses(
     gap = (p - q.detach()).abs()
     head_gap = torch.where(head, gap, 0.0).sum(-1)
     tail_gap = torch.where(head, 0.0, gap).sum(-1)
-    if mode == "akl":
-        total_gap = head_gap + tail_gap
-        tied = total_gap == 0
-        head_weight = torch.where(tied, 0.5, head_gap / torch.where(tied, 1.0, total_gap))
-        tail_weight = torch.where(tied, 0.5, tail_gap / torch.where(tied, 1.0, total_gap))
-    else:  # fixed: (1, 0) for FKL, (0, 1) for RKL, (0, 0) for the divergences that are neither
-        head_weight = torch.full_like(head_gap, 1.0 if mode == "fkl" else 0.0)
-        tail_weight = torch.full_like(head_gap, 1.0 if mode == "rkl" else 0.0)
+    head_weight, tail_weight = _weights(mode, head_gap, tail_gap)
 
     # Step 5: true KL divergences.
     fkl = (p * (log_p - log_q)).sum(-1)
@@ -102,7 +95,23 @@ def reference_row_losses(
         loss = _other_divergence(mode, p, q, log_p, log_q, beta, alpha)
     loss = torch.where(invalid, float("nan"), loss)
 
-    # Invalid rows: NaN statistics and head size 0.
+    return loss, _statistics(invalid, fkl, rkl, head_gap, tail_gap, head_weight, tail_weight, head)
+
+
+def _weights(mode, head_gap, tail_gap):
+    """Step 4's weights, constants for autograd: the gaps' shares for AKL (0.5 each where both
+    gaps are 0); fixed (1, 0) for FKL, (0, 1) for RKL, (0, 0) for the divergences that are neither."""
+    if mode == "akl":
+        total_gap = head_gap + tail_gap
+        tied = total_gap == 0
+        head_weight = torch.where(tied, 0.5, head_gap / torch.where(tied, 1.0, total_gap))
+        tail_weight = torch.where(tied, 0.5, tail_gap / torch.where(tied, 1.0, total_gap))
+        return head_weight, tail_weight
+    return torch.full_like(head_gap, 1.0 if mode == "fkl" else 0.0), torch.full_like(head_gap, 1.0 if mode == "rkl" else 0.0)
+
+
+def _statistics(invalid, fkl, rkl, head_gap, tail_gap, head_weight, tail_weight, head):
+    """The stats dict of a row function: detached, NaN for invalid rows, and head size 0 there."""
     stats = {
         "fkl": fkl.detach(),
         "rkl": rkl.detach(),
@@ -113,7 +122,12 @@ def reference_row_losses(
     }
     stats = {name: torch.where(invalid, float("nan"), value) for name, value in stats.items()}
     stats["head_size"] = torch.where(invalid, 0, head.sum(-1))
-    return loss, stats
+    return stats
+
+
+def _times_log_ratio(x, log_x, log_y):
+    """x (log x - log y), 0 where x is 0 (a term of probability 0 is 0, section 2 rule 21)."""
+    return torch.where(x > 0, x * (log_x - log_y), 0.0)
 
 
 def _other_divergence(mode, p, q, log_p, log_q, beta, alpha):
@@ -130,8 +144,8 @@ def _other_divergence(mode, p, q, log_p, log_q, beta, alpha):
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     # log M as the log-sum-exp of the two weighted log-probabilities (a weight of 0 drops its term).
     log_m = torch.logsumexp(torch.stack((log_p + _log(w_p), log_q + _log(w_q))), 0)
-    kl_p_m = torch.where(p > 0, p * (log_p - log_m), 0.0).sum(-1)
-    kl_q_m = torch.where(q > 0, q * (log_q - log_m), 0.0).sum(-1)
+    kl_p_m = _times_log_ratio(p, log_p, log_m).sum(-1)
+    kl_q_m = _times_log_ratio(q, log_q, log_m).sum(-1)
     if mode == "jsd":
         return beta * kl_p_m + (1.0 - beta) * kl_q_m
     return kl_p_m if mode == "skl" else kl_q_m
@@ -197,11 +211,8 @@ def reference_topk_row_losses(student_logits, logprobs, indices, *, mu=0.5, temp
     q_bucket = torch.where(bucket, log_q_bucket.exp(), 0.0)
 
     # Rule 32: FKL and RKL over the listed tokens and the bucket (0 log 0 = 0).
-    def times_log_ratio(x, log_x, log_y):
-        return torch.where(x > 0, x * (log_x - log_y), 0.0)
-
-    fkl = times_log_ratio(p, log_p, log_q).sum(-1) + times_log_ratio(p_bucket, log_p_bucket, log_q_bucket)
-    rkl = times_log_ratio(q, log_q, log_p).masked_fill(~valid, 0.0).sum(-1) + times_log_ratio(
+    fkl = _times_log_ratio(p, log_p, log_q).sum(-1) + _times_log_ratio(p_bucket, log_p_bucket, log_q_bucket)
+    rkl = _times_log_ratio(q, log_q, log_p).masked_fill(~valid, 0.0).sum(-1) + _times_log_ratio(
         q_bucket, log_q_bucket, log_p_bucket
     )
 
@@ -216,27 +227,10 @@ def reference_topk_row_losses(student_logits, logprobs, indices, *, mu=0.5, temp
     gap = (p - q.detach()).abs()
     head_gap = torch.where(head, gap, 0.0).sum(-1)
     tail_gap = torch.where(valid & ~head, gap, 0.0).sum(-1) + (p_bucket - q_bucket.detach()).abs()
-    if mode == "akl":
-        total_gap = head_gap + tail_gap
-        tied = total_gap == 0
-        head_weight = torch.where(tied, 0.5, head_gap / torch.where(tied, 1.0, total_gap))
-        tail_weight = torch.where(tied, 0.5, tail_gap / torch.where(tied, 1.0, total_gap))
-    else:
-        head_weight = torch.full_like(head_gap, 1.0 if mode == "fkl" else 0.0)
-        tail_weight = torch.full_like(head_gap, 1.0 if mode == "rkl" else 0.0)
+    head_weight, tail_weight = _weights(mode, head_gap, tail_gap)
     loss = torch.where(invalid, float("nan"), head_weight * fkl + tail_weight * rkl)
 
-    stats = {
-        "fkl": fkl.detach(),
-        "rkl": rkl.detach(),
-        "head_gap": head_gap,
-        "tail_gap": tail_gap,
-        "head_weight": head_weight,
-        "tail_weight": tail_weight,
-    }
-    stats = {name: torch.where(invalid, float("nan"), value) for name, value in stats.items()}
-    stats["head_size"] = torch.where(invalid, 0, head.sum(-1))
-    return loss, stats
+    return loss, _statistics(invalid, fkl, rkl, head_gap, tail_gap, head_weight, tail_weight, head)
 
 
 def head_size_bounds(student_logits, teacher_logits, *, mu, temperature=1.0, tolerance):
