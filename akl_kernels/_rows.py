@@ -69,8 +69,8 @@ class RowLosses(NamedTuple):
         0 at ignored rows; None when no gradient was asked for.
     split_path: (N,) int32 code of how each row's head/tail split was found, for diagnostics
         (the backend's split_path_name names them).
-    state: (k, N) or (N, k), compute dtype: what the backend's row_gradient reads per row (its
-        own layout).
+    state: (N, k) compute dtype, k = RowBackend.state_columns(teacher): what the backend's
+        row_gradient reads per row.
     """
 
     loss: torch.Tensor
@@ -82,14 +82,18 @@ class RowLosses(NamedTuple):
 
 
 class RowBackend(NamedTuple):
-    """One backend: its two functions (module docstring), the student dtypes for which akl_loss
-    takes the gradient from row_losses in the forward pass (where it costs least) rather than
-    from row_gradient in backward, and the names of its split_path codes."""
+    """One backend: its name (that of its custom operators, _ops.py), its two functions (module
+    docstring), the student dtypes for which akl_loss takes the gradient from row_losses in the
+    forward pass (where it costs least) rather than from row_gradient in backward, the names of
+    its split_path codes, and the number of columns of its (N, columns) state for a teacher (a
+    tensor or a TeacherTopK; what the operators' shape functions need)."""
 
+    name: str
     row_losses: Callable[..., RowLosses]
     row_gradient: Callable[..., torch.Tensor]
     forward_gradient_dtypes: tuple[torch.dtype, ...]
     split_path_name: Callable[[int], str]
+    state_columns: Callable[..., int]
 
 
 def times_log_ratio(x, log_x, log_y):

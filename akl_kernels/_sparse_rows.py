@@ -46,15 +46,17 @@ class StudentPasses(NamedTuple):
     gradient: Callable[..., torch.Tensor]
 
 
-def sparse_backend(passes: StudentPasses, split_path_name) -> RowBackend:
+def sparse_backend(name, passes: StudentPasses, split_path_name) -> RowBackend:
     """The RowBackend of a backend for TeacherTopK teachers, built on its two passes."""
     return RowBackend(
+        name=name,
         row_losses=functools.partial(sparse_row_losses, passes),
         row_gradient=functools.partial(sparse_row_gradient, passes),
         # The gradient pass reads the student again either way; in backward it also takes
         # grad_output in before the one rounding to the student's dtype.
         forward_gradient_dtypes=(),
         split_path_name=split_path_name,
+        state_columns=lambda teacher: STATE_COLUMNS + teacher.indices.shape[-1],
     )
 
 

@@ -61,7 +61,7 @@ def check_labels(labels, leading_shape, device, inputs):
 def check_options(mu, temperature, ignore_index, reduction, return_stats, backend):
     """Errors for keyword arguments outside their domains (README "Use": keyword arguments)."""
     check_number("mu", mu, "in (0, 1]", lambda x: 0.0 < x <= 1.0)
-    check_number("temperature", temperature, "> 0 and finite", lambda x: math.isfinite(x) and x > 0)
+    check_number("temperature", temperature, "> 0 and finite", lambda x: 0 < x < math.inf)  # NaN fails too
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if not INT64_MIN <= ignore_index <= INT64_MAX:

@@ -23,8 +23,10 @@ grad_output folded into g.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -37,6 +39,7 @@ from ._dispatch import (
     select_backend,
     shape_result,
 )
+from ._ops import config_args, op_config, row_backend_named, scale_forward_gradient
 from ._rows import STATS_FIELDS, RowBackend, RowLossConfig, compute_dtype
 from .divergences import DIVERGENCES, divergence, resolve_parameter
 from ._validation import (
@@ -274,90 +277,119 @@ def _fused_linear_loss(
         check_teacher_topk(teacher_hidden, leading_shape, student_weight.shape[0], device, keep)
         # The stored pairs travel in the teacher's two tensor slots.
         teacher_hidden, teacher_weight = teacher_hidden
-    kept = torch.arange(leading_shape.numel(), device=device) if keep is None else keep.nonzero().squeeze(1)
-    grad_scale = reduction_grad_scale(reduction, kept.numel(), dtype, device)
+    kept_rows = math.prod(leading_shape) if keep is None else keep.sum()  # (math.prod: no guard on sizes)
+    grad_scale = reduction_grad_scale(reduction, kept_rows, dtype, device)
     vocab = student_weight.shape[0]
     hidden = student_weight.shape[1] if sparse else max(student_weight.shape[1], teacher_weight.shape[1])
-    options = _Options(
-        sparse_teacher=sparse,
-        config=row_config(family, parameter, mu, temperature, return_stats),
-        row_backend=row_backend,
-        chunk_rows=int(chunk_size or default_chunk_rows(vocab, hidden)),
-        reduction=reduction,
-        wanted=tuple(
-            torch.is_grad_enabled() and x is not None and x.requires_grad
-            for x in (student_hidden, student_weight, student_bias)
-        ),
-    )
-    loss, stats, head_size = _FusedLinearLoss.apply(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-        kept, grad_scale, options,
+    wanted = [
+        torch.is_grad_enabled() and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
+    ]
+    config = row_config(family, parameter, mu, temperature, return_stats)
+    loss, stats, head_size, *_grads = torch.ops.akl_kernels.fused_linear_rows(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, keep, grad_scale,
+        None, *config_args(config), row_backend.name, sparse, int(chunk_size or default_chunk_rows(vocab, hidden)),
+        reduction, wanted if reduction != "none" else [False] * 3,
     )
     return shape_result(loss, stats, head_size, leading_shape, reduction, return_stats)
 
 
 @dataclass(frozen=True)
 class _Options:
-    """What one call passes through autograd besides tensors.
+    """What _chunked_pass takes besides tensors.
 
     sparse_teacher: the teacher's slots (teacher_hidden, teacher_weight) hold a TeacherTopK's
     (logprobs, indices) instead of hidden states and lm_head. config: the loss backend's
-    RowLossConfig. row_backend: the backend. chunk_rows: rows per chunk. reduction: "mean",
-    "sum" or "none". wanted: which of (student_hidden, student_weight, student_bias) need a
-    gradient.
+    RowLossConfig. row_backend: the backend. chunk_rows: rows per chunk.
     """
 
     sparse_teacher: bool
     config: RowLossConfig
     row_backend: RowBackend
     chunk_rows: int
-    reduction: str
-    wanted: tuple[bool, bool, bool]
 
 
-class _FusedLinearLoss(torch.autograd.Function):
-    """Reduced loss over chunks of rows; gradients for the student's hidden states, weight, bias.
+@torch.library.custom_op("akl_kernels::fused_linear_rows", mutates_args=())
+def _fused_linear_rows(
+    student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
+    teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor],
+    keep: Optional[torch.Tensor], grad_scale: torch.Tensor, row_scale: Optional[torch.Tensor],
+    mode: int, mu: float, temperature: float, split: bool, stats: bool, w_p: float, w_q: float,
+    backend: str, sparse_teacher: bool, chunk_rows: int, reduction: str, wanted: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss over chunks of rows (reduced as `reduction` says), its statistics, and the wanted
+    gradients of (student_hidden, student_weight, student_bias) in their held dtypes, already
+    scaled by grad_scale and, when given, row i's by row_scale[i] (empty where not wanted).
+    Torch's operator akl_kernels::fused_linear_rows (a custom_op: the chunks are the kept rows,
+    a data-dependent count); the arguments after row_scale are _ops.config_args, the
+    RowBackend's name and _Options."""
+    n_rows = student_hidden.shape[:-1].numel()
+    kept = torch.arange(n_rows, device=student_hidden.device) if keep is None else keep.nonzero().squeeze(1)
+    options = _Options(
+        sparse_teacher=sparse_teacher,
+        config=op_config(mode, mu, temperature, split, stats, w_p, w_q),
+        row_backend=row_backend_named(backend),
+        chunk_rows=chunk_rows,
+    )
+    inputs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+    loss, stats, head_size, grads = _chunked_pass(inputs, kept, grad_scale, row_scale, options, tuple(wanted))
+    if reduction != "none":
+        # grad_scale is 1 / kept rows for "mean" and 1 for "sum".
+        loss = loss.sum() * grad_scale
+    return loss, stats, head_size, *(student_hidden.new_empty(0) if g is None else g for g in grads)
 
-    For "mean" and "sum" the gradients are computed, already scaled for the reduction, in the
-    forward pass; backward multiplies them by grad_output (in place, skipped when it is 1; a
-    float16 input's gradient, held in float32, is rounded after). For "none", and for a further
-    backward through a retained graph, backward recomputes them. Double backward is refused.
-    """
 
-    @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                kept, grad_scale, options):
-        inputs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
-        wanted = options.wanted if options.reduction != "none" else (False, False, False)
-        loss, stats, head_size, grads = _chunked_pass(inputs, kept, grad_scale, None, options, wanted)
-        if options.reduction != "none":
-            # grad_scale is 1 / kept rows for "mean" and 1 for "sum".
-            loss = loss.sum() * grad_scale
-        ctx.grads = grads if any(wanted) else None
-        ctx.options = options
-        ctx.save_for_backward(*inputs, kept, grad_scale)
-        ctx.mark_non_differentiable(stats, head_size)
-        return loss, stats, head_size
+@_fused_linear_rows.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, keep, grad_scale,
+      row_scale, mode, mu, temperature, split, stats, w_p, w_q, backend, sparse_teacher, chunk_rows, reduction, wanted):
+    n_rows = math.prod(student_hidden.shape[:-1])
+    teacher_dtypes = (teacher_hidden.dtype,) if sparse_teacher else (teacher_hidden.dtype, teacher_weight.dtype)
+    dtype = compute_dtype(student_hidden.dtype, student_weight.dtype, *teacher_dtypes)
+    grads = [
+        x.new_empty(x.shape, dtype=_held_dtype(x.dtype)) if want else student_hidden.new_empty(0)
+        for x, want in zip((student_hidden, student_weight, student_bias), wanted)
+    ]
+    return (
+        student_hidden.new_empty(() if reduction != "none" else (n_rows,), dtype=dtype),
+        student_hidden.new_empty((len(STATS_FIELDS), n_rows), dtype=dtype),
+        student_hidden.new_empty((n_rows,), dtype=torch.int64),
+        *grads,
+    )
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats, _grad_head_size):
-        refuse_double_backward()
-        grads, ctx.grads = ctx.grads, None
-        *inputs, kept, grad_scale = ctx.saved_tensors
-        options = ctx.options
-        if grad_loss.dim() == 0:
-            if grads is None:
-                grads = _chunked_pass(inputs, kept, grad_scale, None, options, options.wanted)[3]
-            factor = float(grad_loss)  # one host sync; a Python scalar keeps full precision
-            if factor != 1.0:
-                for grad in grads:
-                    if grad is not None:
-                        grad.mul_(factor)
-        else:  # reduction "none": row i's gradient is scaled by grad_loss[i] before the products
-            grads = _chunked_pass(inputs, kept, grad_scale, grad_loss.reshape(-1), options, options.wanted)[3]
-        # Each gradient in its input's dtype, rounded once (float16 ones were held in float32).
-        grads = [None if grad is None else grad.to(x.dtype) for grad, x in zip(grads, inputs)]
-        return (*grads, None, None, None, None, None, None)
+
+def _fused_linear_setup_context(ctx, inputs, output):
+    *tensors, keep, grad_scale, _row_scale = inputs[:9]
+    *options, reduction, wanted = inputs[9:]
+    ctx.grads = output[3:] if any(wanted) else None  # computed in forward ("mean", "sum")
+    ctx.options = options
+    ctx.wanted = list(ctx.needs_input_grad[:3])
+    ctx.save_for_backward(*tensors, keep, grad_scale)
+
+
+def _fused_linear_backward(ctx, grad_loss, _stats, _head_size, *_grads):
+    """For "mean" and "sum" the gradients computed in forward (already scaled for the reduction)
+    times grad_output, in place (skipped when it is 1; a float16 input's gradient, held in
+    float32, is rounded after). For "none", and for a further backward through a retained
+    graph, the chunks again with each row's grad_output folded into g. Double backward is
+    refused."""
+    refuse_double_backward()
+    grads, ctx.grads = ctx.grads, None
+    *inputs, keep, grad_scale = ctx.saved_tensors
+    if grad_loss.dim() == 0 and grads is not None:
+        grads = [scale_forward_gradient(grad, grad_loss, None) if want else grad for grad, want in zip(grads, ctx.wanted)]
+    else:
+        # Row i's gradient times its grad_output (one for every row of "mean" and "sum") before the products.
+        row_scale = grad_loss.reshape(-1).expand(math.prod(inputs[0].shape[:-1]))
+        grads = torch.ops.akl_kernels.fused_linear_rows(
+            *inputs, keep, grad_scale, row_scale, *ctx.options, "none", ctx.wanted
+        )[3:]
+    # Each gradient in its input's dtype, rounded once (float16 ones were held in float32).
+    grads = [grad.to(x.dtype) if want else None for grad, x, want in zip(grads, inputs, ctx.wanted)]
+    return (*grads, *[None] * 18)
+
+
+torch.library.register_autograd(
+    "akl_kernels::fused_linear_rows", _fused_linear_backward, setup_context=_fused_linear_setup_context
+)
 
 
 def _without_autocast(pass_fn):
@@ -404,7 +436,9 @@ def _chunked_pass(inputs, kept, grad_scale, row_scale, options, wanted):
     compute_grad = any(wanted)
     # Gradients: the hidden states' in their held dtype (each row written once), the weight's
     # and bias's accumulated in the logits' dtype (float32 or float64) over chunks.
-    grad_hidden = torch.zeros_like(student_rows, dtype=_held_dtype(student_rows.dtype)) if want_hidden else None
+    grad_hidden = None
+    if want_hidden:  # (..., H_s), written through its (N, H_s) view
+        grad_hidden = torch.zeros(student_hidden.shape, dtype=_held_dtype(student_rows.dtype), device=device)
     grad_weight = torch.zeros(student_weight.shape, dtype=student_head.dtype, device=device) if want_weight else None
     grad_bias = torch.zeros(student_bias.shape, dtype=student_head.dtype, device=device) if want_bias else None
 
@@ -428,14 +462,14 @@ def _chunked_pass(inputs, kept, grad_scale, row_scale, options, wanted):
         if row_scale is not None:
             g.mul_(row_scale.index_select(0, rows).to(g.dtype)[:, None])
         if want_hidden:
-            grad_hidden.index_copy_(0, rows, student_head.input_grad(g).to(grad_hidden.dtype))  # g @ W_s
+            grad_hidden.view(student_rows.shape).index_copy_(0, rows, student_head.input_grad(g).to(grad_hidden.dtype))  # g @ W_s
         if want_weight:
             student_head.add_weight_grad_(grad_weight, g, hidden)  # += g^T @ h_s
         if want_bias:
             grad_bias.add_(g.sum(0))
 
     grads = (
-        None if grad_hidden is None else grad_hidden.reshape(student_hidden.shape),
+        grad_hidden,
         None if grad_weight is None else grad_weight.to(_held_dtype(student_weight.dtype)),
         None if grad_bias is None else grad_bias.to(_held_dtype(student_bias.dtype)),
     )

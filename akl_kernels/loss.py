@@ -2,11 +2,13 @@
 rkl_loss, AKLLoss, and their autograd Function.
 
 Arguments are checked by ``_validation.py``; ``_dispatch.py`` picks the backend (``_rows.py``
-says what a backend computes) and shapes the results; this module reduces over rows and ties
-the backend's gradient to autograd.
+says what a backend computes) and shapes the results; ``_ops.py`` runs the backend's rows as a
+custom operator with its registered autograd (what torch.compile captures).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -14,11 +16,11 @@ from ._dispatch import (
     STATS_MU,
     keep_mask,
     reduction_grad_scale,
-    refuse_double_backward,
     row_config,
     select_backend,
     shape_result,
 )
+from ._ops import row_losses
 from ._rows import compute_dtype
 from .divergences import DIVERGENCES, divergence, resolve_parameter
 from ._validation import (
@@ -229,82 +231,15 @@ def _distillation_loss(
     if student.dim() == 1:  # a single row
         student = student.unsqueeze(0)
         teacher = TeacherTopK(*(x.unsqueeze(0) for x in teacher)) if sparse else teacher.unsqueeze(0)
-    kept_rows = leading_shape.numel() if keep is None else keep.sum()
+    kept_rows = math.prod(leading_shape) if keep is None else keep.sum()  # (math.prod: no guard on sizes)
     grad_scale = reduction_grad_scale(reduction, kept_rows, dtype, student.device)
     config = row_config(family, parameter, mu, temperature, return_stats)
-    compute_grad = torch.is_grad_enabled() and student.requires_grad
-    loss, stats, head_size = _DistillationLoss.apply(
-        student, teacher, keep, grad_scale, config, reduction, row_backend, compute_grad
+    # The gradient in the forward pass where the backend computes it cheapest there (_rows.py).
+    forward_grad = (
+        torch.is_grad_enabled() and student.requires_grad and student.dtype in row_backend.forward_gradient_dtypes
     )
+    loss, stats, head_size = row_losses(row_backend, student, teacher, keep, grad_scale, config, reduction, forward_grad)
     return shape_result(loss, stats, head_size, leading_shape, reduction, return_stats)
-
-
-class _DistillationLoss(torch.autograd.Function):
-    """Reduced loss of the backend's per-row losses, with the backend's analytic gradient.
-
-    The gradient comes from one of two places (RowBackend.forward_gradient_dtypes says which):
-    computed in forward, already scaled for the reduction, and multiplied by grad_output in
-    place in backward (skipped when it is 1), so that no second vocabulary-sized tensor is
-    made; or computed in backward by row_gradient, with grad_output folded into each row's
-    factor before the one rounding to the student's dtype (what keeps float16 gradients under
-    loss scaling), from the saved inputs and per-row state. A further backward through a
-    retained graph takes the second way. Double backward is refused.
-    """
-
-    @staticmethod
-    def forward(ctx, student, teacher, keep, grad_scale, config, reduction, row_backend, compute_grad):
-        in_forward = compute_grad and student.dtype in row_backend.forward_gradient_dtypes
-        rows = row_backend.row_losses(student, teacher, keep, grad_scale, config, in_forward)
-        if reduction == "none":
-            loss = rows.loss
-        else:
-            # grad_scale is 1 / kept rows for "mean" and 1 for "sum".
-            loss = rows.loss.sum() * grad_scale
-        ctx.grad = rows.grad
-        ctx.config = config
-        ctx.row_backend = row_backend
-        ctx.sparse = isinstance(teacher, TeacherTopK)
-        ctx.save_for_backward(student, keep, grad_scale, rows.state, *(teacher if ctx.sparse else (teacher,)))
-        ctx.mark_non_differentiable(rows.stats, rows.head_size)
-        return loss, rows.stats, rows.head_size
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats, _grad_head_size):
-        refuse_double_backward()
-        grad, ctx.grad = ctx.grad, None
-        student, keep, grad_scale, state, *teacher = ctx.saved_tensors
-        teacher = TeacherTopK(*teacher) if ctx.sparse else teacher[0]
-        vocab = student.shape[-1]
-        n_rows = student.numel() // vocab
-        if grad is None:
-            # d loss / d loss_i = grad_output (per row for "none") times the reduction's factor.
-            row_scale = (grad_loss.to(grad_scale.dtype) * grad_scale).expand(n_rows) if grad_loss.dim() == 0 \
-                else grad_loss.reshape(-1).to(grad_scale.dtype)
-            grad = ctx.row_backend.row_gradient(student, teacher, keep, row_scale, state, ctx.config)
-        elif grad_loss.dim() == 0:
-            factor = float(grad_loss)  # one host sync; a Python scalar keeps full precision
-            if factor != 1.0:
-                grad.mul_(factor)
-        else:
-            _scale_rows_(grad.view(n_rows, vocab), grad_loss.reshape(-1), keep)
-        return grad, None, None, None, None, None, None, None
-
-
-def _scale_rows_(grad, row_scale, keep):
-    """grad[i, :] *= row_scale[i] in place, for (N, V) grad and (N,) row_scale.
-
-    Ignored rows stay exactly 0 whatever their scale holds (no 0 * NaN).
-    """
-    if keep is not None:
-        row_scale = torch.where(keep, row_scale, 0.0)
-    row_scale = row_scale[:, None]
-    if grad.dtype in (torch.float32, torch.float64):
-        grad.mul_(row_scale.to(grad.dtype))
-        return
-    # bfloat16: multiply in float32, a chunk of rows at a time, and round once.
-    rows_per_chunk = max(1, (1 << 20) // max(grad.shape[1], 1))
-    for rows, scale in zip(grad.split(rows_per_chunk), row_scale.split(rows_per_chunk)):
-        rows.copy_(rows.float().mul_(scale.float()))
 
 
 def _check_student(student, labels):

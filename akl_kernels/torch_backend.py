@@ -167,6 +167,7 @@ def torch_row_gradient(
 
 
 TORCH_BACKEND = RowBackend(
+    name="torch",
     row_losses=torch_row_losses,
     row_gradient=torch_row_gradient,
     # The forward pass has p, q and log p - log q at hand: the gradient costs four more
@@ -174,6 +175,7 @@ TORCH_BACKEND = RowBackend(
     # backward, where grad_output (the loss scale) enters before the rounding to float16.
     forward_gradient_dtypes=(torch.bfloat16, torch.float32, torch.float64),
     split_path_name=split_path_name,
+    state_columns=lambda teacher: len(STATE_FIELDS),
 )
 
 
@@ -222,7 +224,9 @@ def _listed_mask(indices, vocab):
     return mask.scatter_(1, _padding_at_end(indices, vocab), True)[:, :vocab]
 
 
-TORCH_SPARSE_BACKEND = sparse_backend(StudentPasses(torch_unlisted_logsumexp, torch_sparse_gradient), split_path_name)
+TORCH_SPARSE_BACKEND = sparse_backend(
+    "torch_sparse", StudentPasses(torch_unlisted_logsumexp, torch_sparse_gradient), split_path_name
+)
 
 
 def _gradient_buffer(student, keep, grad_out):

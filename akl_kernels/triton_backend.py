@@ -33,6 +33,10 @@ order is taken on the teacher's logits themselves (t, not t/T), so ties are exac
 are shifted by their row's maximum before T scales them, and a term whose probability is 0 is
 0 whatever its log-ratio, so that finite logits never give NaN. The loss mode and the passes
 are compile-time switches; mu and the temperature are runtime values.
+
+Every launch goes through torch.library.wrap_triton: inside the akl_kernels::triton_* operators
+(_ops.py, torch.library.triton_op) torch.compile then sees the kernels themselves; in eager, and
+under TRITON_INTERPRET=1, it is the plain launch.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ._rows import TOPK, RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
 from .divergences import BY_MODE, LossMode
@@ -1076,10 +1081,20 @@ def row_offsets(x: torch.Tensor) -> torch.Tensor:
 def row_alignment(x: torch.Tensor) -> int:
     """Elements in 16 bytes if every row of x starts on a 16-byte boundary (vector loads), else 1."""
     per_vector = 16 // x.element_size()
-    aligned = x.data_ptr() % 16 == 0 and all(
+    aligned = _start_address(x) % 16 == 0 and all(
         (stride * x.element_size()) % 16 == 0 for size, stride in zip(x.shape[:-1], x.stride()[:-1]) if size > 1
     )
     return per_vector if aligned and per_vector > 1 else 1
+
+
+def _start_address(x: torch.Tensor) -> int:
+    """x's data pointer; while torch.compile traces (fake tensors have none) the byte offset of x
+    in its storage, the storage itself taken as 16-byte aligned (CUDA's caching allocator aligns
+    to 512 bytes, and so do inductor's buffers)."""
+    try:
+        return x.data_ptr()
+    except RuntimeError:
+        return x.storage_offset() * x.element_size()
 
 
 @functools.cache
@@ -1182,27 +1197,27 @@ def triton_row_losses(
     row_top = torch.empty(n_rows if config.split else 0, TOPK, dtype=dtype, device=device)
     # The bracket buffer: scratch for the rows of each program (never read before written).
     buffer = torch.empty(programs if config.split else 0, CAPACITY, 2, dtype=dtype, device=device)
-    _row_statistics_kernel[(programs,)](
+    wrap_triton(_row_statistics_kernel)[(programs,)](
         *plan.rows, plan.params, row_values, row_codes, row_top, n_rows, vocab, SPLIT=config.split, BLOCK=block,
         TOPK=TOPK, **common,
     )
     if config.split:
-        _split_kernel[(programs,)](
+        wrap_triton(_split_kernel)[(programs,)](
             *plan.rows, plan.params, row_values, row_codes, row_top, n_rows, vocab,
             SEARCH_BLOCK=search_block_size(block), TOPK=TOPK, NUM_CANDIDATES=NUM_CANDIDATES, CAPACITY=CAPACITY,
             **common,
         )
         for bracket in (False, True):
-            _gap_kernel[(programs,)](
+            wrap_triton(_gap_kernel)[(programs,)](
                 *plan.rows, plan.params, row_values, row_codes, buffer, n_rows, vocab, BRACKET=bracket, BLOCK=block,
                 SCAN_BLOCK=SCAN_BLOCK, CAPACITY=CAPACITY, **common,
             )
     if _family(config.mode).has_terms:
-        _terms_kernel[(programs,)](
+        wrap_triton(_terms_kernel)[(programs,)](
             *plan.rows, plan.params, row_values, row_codes, n_rows, vocab, MODE=int(config.mode), BLOCK=block,
             **common,
         )
-    _loss_kernel[(triton.cdiv(n_rows, LOSS_ROWS),)](
+    wrap_triton(_loss_kernel)[(triton.cdiv(n_rows, LOSS_ROWS),)](
         keep, row_values, row_codes, loss, stats, head_size, split_path, n_rows,
         MODE=int(config.mode), SPLIT=config.split, HAS_KEEP=keep is not None, COMPUTE_DTYPE=common["COMPUTE_DTYPE"],
         BLOCK=LOSS_ROWS,
@@ -1237,6 +1252,7 @@ def triton_row_gradient(
 
 
 TRITON_BACKEND = RowBackend(
+    name="triton",
     row_losses=triton_row_losses,
     row_gradient=triton_row_gradient,
     # The gradient pass reads teacher and student whether it runs in forward or in backward; in
@@ -1244,13 +1260,14 @@ TRITON_BACKEND = RowBackend(
     # (read and write) to be scaled, and rounds a float16 gradient after the loss scale.
     forward_gradient_dtypes=(),
     split_path_name=split_path_name,
+    state_columns=lambda teacher: ROW_VALUES.value,
 )
 
 
 def _gradient(plan, grad, row_values, row_scale, row_scale_stride, config):
     """Launch the gradient kernel: grad (N, V) from the rows of `plan` and their record."""
     vocab = grad.shape[-1]
-    _gradient_kernel[(plan.programs,)](
+    wrap_triton(_gradient_kernel)[(plan.programs,)](
         *plan.rows, grad, plan.params, row_values, row_scale, row_scale_stride, grad.numel() // vocab, vocab,
         MODE=int(config.mode), BLOCK=plan.block, **plan.common,
     )

@@ -22,6 +22,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ._sparse_rows import StudentPasses, sparse_backend
 from .triton_backend import (
@@ -199,7 +200,7 @@ def triton_unlisted_logsumexp(student, indices, keep, temperature, dtype):
     out = torch.empty(n_rows, OUT_COLUMNS, dtype=dtype, device=student.device)
     row_max = torch.empty(n_rows, dtype=dtype, device=student.device)
     if n_rows:
-        _unlisted_logsumexp_kernel[(programs,)](
+        wrap_triton(_unlisted_logsumexp_kernel)[(programs,)](
             student, row_offsets(student), keep, indices, out, row_max, math.log2(math.e) / temperature,
             n_rows, student.shape[-1], indices.shape[1], **common,
         )
@@ -215,7 +216,7 @@ def triton_sparse_gradient(student, indices, keep, temperature, lse, listed_grad
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if grad_out is None else grad_out
     n_rows, programs, common = _plan(student, indices, keep, lse.dtype)
     if n_rows:
-        _sparse_gradient_kernel[(programs,)](
+        wrap_triton(_sparse_gradient_kernel)[(programs,)](
             student, row_offsets(student), keep, indices.contiguous(), listed_grad.contiguous(), lse.contiguous(),
             unlisted_factor.contiguous(), grad, 1.0 / temperature, n_rows, student.shape[-1], indices.shape[1],
             **common,
@@ -223,4 +224,6 @@ def triton_sparse_gradient(student, indices, keep, temperature, lse, listed_grad
     return grad
 
 
-TRITON_SPARSE_BACKEND = sparse_backend(StudentPasses(triton_unlisted_logsumexp, triton_sparse_gradient), split_path_name)
+TRITON_SPARSE_BACKEND = sparse_backend(
+    "triton_sparse", StudentPasses(triton_unlisted_logsumexp, triton_sparse_gradient), split_path_name
+)
