@@ -7,6 +7,7 @@
     python train_example.py --compare-mu 0.3,0.5,0.7   # AKL at several mu from the same initialisation
     python train_example.py --data dolly.jsonl     # Dolly records: instruction, context, response
     python train_example.py --fused-linear         # KD and LM losses from hidden states: no batch logits
+    python train_example.py --compile              # the training step (models and losses) under torch.compile
     python train_example.py --teacher-topk 32      # offline: the teacher's top 32 stored once, then distil from the file
     python train_example.py --compare-topk 8,32,128   # dense AKL against the stored top-K teacher at each K
     torchrun --nproc_per_node=2 train_example.py   # DistributedDataParallel (gloo on CPU, nccl on GPU)
@@ -52,12 +53,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
 
-from akl_kernels import LOSSES, TeacherTopK, distillation_loss, fused_linear_distillation_loss, teacher_topk
-from akl_kernels.fused_linear import default_chunk_rows
+from akl_kernels import (
+    LOSSES,
+    TeacherTopK,
+    distillation_loss,
+    fused_linear_cross_entropy,
+    fused_linear_distillation_loss,
+    teacher_topk,
+)
 
 # --compare without a list: the paper's comparison.
 PAPER_COMPARISON = ("fkl", "rkl", "akl")
@@ -358,27 +363,6 @@ def _kd_options(labels, loss_name: str, args) -> dict:
     return {"loss": loss_name, "labels": labels[:, 1:], "temperature": args.temperature, "mu": args.mu}
 
 
-def chunked_lm_loss(hidden, lm_head, labels):
-    """The causal LM's loss (mean cross-entropy of position i against token i + 1 over labelled
-    tokens) from its final hidden states, a chunk of tokens at a time.
-
-    Each chunk's logits are recomputed in backward (torch.utils.checkpoint) rather than kept, so
-    the batch's logits never exist at once.
-    """
-    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    targets = labels[:, 1:].reshape(-1)
-    kept = (targets != IGNORE).nonzero().squeeze(1)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for chunk in kept.split(default_chunk_rows(lm_head.weight.shape[0], hidden.shape[-1])):
-        total = total + checkpoint(_cross_entropy_sum, rows.index_select(0, chunk), lm_head.weight, lm_head.bias,
-                                   targets.index_select(0, chunk), use_reentrant=False)
-    return total / max(1, kept.numel())
-
-
-def _cross_entropy_sum(hidden, weight, bias, targets):
-    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
-
-
 class FinalHiddenStates(torch.nn.Module):
     """A causal LM without its lm_head: input ids -> final hidden states (after the last norm).
 
@@ -395,7 +379,8 @@ class FinalHiddenStates(torch.nn.Module):
 
 
 def training_losses(model, student, teacher, inputs, loss_name: str, args, with_stats: bool):
-    """One batch's (loss, lm_loss, kd_loss, head/tail statistics or None).
+    """One batch's (loss, lm_loss, kd_loss, AKLStats of AKL at mu or None); with --compile it runs
+    compiled (torch.compile, dynamic shapes: batches differ in length).
 
     `model` runs the student's forward: the student itself (or its DDP wrapper), or with
     --fused-linear its FinalHiddenStates (or that module's DDP wrapper).
@@ -410,7 +395,9 @@ def training_losses(model, student, teacher, inputs, loss_name: str, args, with_
         student_hidden = model(**ids)
         student_head = student.get_output_embeddings()
         kd = fused_kd_terms(student_hidden, student_head, teacher_hidden, teacher_head, labels, loss_name, args)
-        lm_loss = chunked_lm_loss(student_hidden, student_head, labels)
+        # position i predicts token i + 1; each chunk's logits are recomputed in backward
+        lm_loss = fused_linear_cross_entropy(student_hidden[:, :-1], student_head.weight, labels[:, 1:],
+                                             bias=student_head.bias, ignore_index=IGNORE)
         stats = None
         if with_stats:
             with torch.no_grad():
@@ -428,7 +415,7 @@ def training_losses(model, student, teacher, inputs, loss_name: str, args, with_
                 _, stats = kd_terms(out.logits.detach(), teacher_logits, labels, "akl", args, reduction="none",
                                     return_stats=True)
     loss = (1 - args.kd_ratio) * lm_loss + args.kd_ratio * kd
-    return loss, lm_loss, kd, None if stats is None else gap_stats(stats, labels)
+    return loss, lm_loss, kd, stats
 
 
 def gap_stats(stats, labels) -> dict:
@@ -454,6 +441,7 @@ def distil(student, teacher, examples, val_examples, loss_name: str, preset: Pre
     forward = FinalHiddenStates(student) if args.fused_linear else student
     model = DistributedDataParallel(forward) if ranks.world > 1 else forward
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    step_losses = torch.compile(training_losses, dynamic=True) if args.compile else training_losses
     initial = evaluate(student, load_teacher(), val_examples, loss_name, preset, args, ranks, tokenizer)
     train_log = []
     start = time.perf_counter()
@@ -465,7 +453,7 @@ def distil(student, teacher, examples, val_examples, loss_name: str, preset: Pre
         inputs = _to(collate(batch, args.pad_id), ranks.device)
         logging = step % preset.log_every == 0 or step == preset.steps - 1
         step_teacher = teacher if stored is None else stored.batch(batch, inputs["input_ids"].shape[1], ranks.device)
-        loss, lm_loss, kd, local = training_losses(model, student, step_teacher, inputs, loss_name, args, logging)
+        loss, lm_loss, kd, stats = step_losses(model, student, step_teacher, inputs, loss_name, args, logging)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -475,6 +463,7 @@ def distil(student, teacher, examples, val_examples, loss_name: str, preset: Pre
             loss_sum, lm_sum, kd_sum, tokens = ranks.sum(loss.item(), lm_loss.item(), kd.item(), tokens_seen)
             entry = {"step": step, "loss": loss_sum / ranks.world, "lm_loss": lm_sum / ranks.world,
                      "kd_loss": kd_sum / ranks.world, "tokens_per_s": tokens / (time.perf_counter() - start)}
+            local = gap_stats(stats, inputs["labels"])
             entry.update(zip(local, (v / ranks.world for v in ranks.sum(*local.values()))))
             train_log.append(entry)
             progress.set_postfix(loss=f"{entry['loss']:.3f}", kd=f"{entry['kd_loss']:.3f}",
@@ -726,6 +715,8 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-topk", type=_k_list, metavar="K",
                         help="offline: store the teacher's top K per labelled token once, distil from that file")
     parser.add_argument("--kd-ratio", type=float, default=0.5, help="weight of the KD loss; 1 - it weighs LM loss")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the training step (both models' forwards and the losses) under torch.compile")
     parser.add_argument("--fused-linear", action="store_true",
                         help="training losses from hidden states and lm_head weights, never the batch's logits")
     parser.add_argument("--mu", type=float, default=0.5, help="AKL head mass (also the split of logged gaps)")

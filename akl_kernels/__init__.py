@@ -21,6 +21,7 @@ from .divergences import DIVERGENCES
 from .fused_linear import (
     FusedLinearAKLLoss,
     fused_linear_akl_loss,
+    fused_linear_cross_entropy,
     fused_linear_distillation_loss,
     fused_linear_fkl_loss,
     fused_linear_rkl_loss,
@@ -42,6 +43,7 @@ __all__ = [
     "distillation_loss",
     "fkl_loss",
     "fused_linear_akl_loss",
+    "fused_linear_cross_entropy",
     "fused_linear_distillation_loss",
     "fused_linear_fkl_loss",
     "fused_linear_rkl_loss",

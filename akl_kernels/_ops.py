@@ -168,19 +168,22 @@ def scale_forward_gradient(grad, grad_loss, keep):
     backward, grad_loss is a fake or functional tensor with no value to read: the product is then
     written functionally, for inductor to fuse.
     """
-    rows = grad.view(-1, grad.shape[-1])  # (N, V)
-    row_scale = grad_loss.reshape(-1, 1)  # (1, 1) or (N, 1)
-    if keep is not None and grad_loss.dim() > 0:
-        row_scale = torch.where(keep[:, None], row_scale, 0.0)
-    if type(grad_loss) is not torch.Tensor:  # traced: fake, functional or another subclass
-        if grad.dtype in (torch.float16, torch.bfloat16):
-            return (rows.float() * row_scale.float()).to(grad.dtype).view(grad.shape)
-        return (rows * row_scale.to(grad.dtype)).view(grad.shape)
+    traced = type(grad_loss) is not torch.Tensor  # fake, functional or another subclass
     if grad_loss.dim() == 0:
+        if traced:
+            return grad * grad_loss.to(grad.dtype)
         factor = float(grad_loss)  # one host sync; a Python scalar keeps full precision
         if factor != 1.0:
             grad.mul_(factor)
         return grad
+    rows = grad.view(-1, grad.shape[-1])  # (N, V)
+    row_scale = grad_loss.reshape(-1, 1)
+    if keep is not None:
+        row_scale = torch.where(keep[:, None], row_scale, 0.0)
+    if traced:
+        if grad.dtype in (torch.float16, torch.bfloat16):
+            return (rows.float() * row_scale.float()).to(grad.dtype).view(grad.shape)
+        return (rows * row_scale.to(grad.dtype)).view(grad.shape)
     if rows.dtype in (torch.float32, torch.float64):
         rows.mul_(row_scale.to(rows.dtype))
         return grad

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ._dispatch import (
     STATS_MU,
@@ -187,6 +188,47 @@ def fused_linear_rkl_loss(
         DIVERGENCES["rkl"], 0.0, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
         teacher_bias, STATS_MU, temperature, labels, ignore_index, reduction, chunk_size, return_stats, backend,
     )
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
+                               chunk_size=None):
+    """The language-model loss cross_entropy(hidden @ weight.T + bias, labels) without the (N, V)
+    logits: a chunk of rows at a time, each chunk's logits (float32) dropped after its forward and
+    recomputed in backward (torch.utils.checkpoint), so at most one chunk of logits exists at once.
+
+    Args:
+        hidden: (..., H) floating hidden states. weight: (V, H) lm_head weight. bias: optional (V,).
+        labels: (...) integer targets; ignore_index marks rows that do not count.
+        reduction: "mean" (over counted rows; 0 when none counts) or "sum".
+        chunk_size: rows per chunk; None picks max(1, 2^20 / V).
+
+    Returns:
+        0-dim float32 loss (float64 for float64 inputs).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    _check_chunk_size(chunk_size)
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    targets = labels.reshape(-1)
+    if not torch.compiler.is_compiling():  # only counted rows are multiplied (compiled: all, no data-dependent shape)
+        counted = targets.ne(ignore_index).nonzero().squeeze(1)
+        rows, targets = rows.index_select(0, counted), targets.index_select(0, counted)
+    chunk_size = chunk_size or max(1, MIN_CHUNK_ELEMENTS // weight.shape[0])
+    total = rows.new_zeros((), dtype=compute_dtype(hidden.dtype, weight.dtype))
+    for start in range(0, rows.shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        total = total + checkpoint(
+            _cross_entropy_sum, rows[part], weight, bias, targets[part], ignore_index, use_reentrant=False
+        )
+    if reduction == "sum":
+        return total
+    return total / labels.ne(ignore_index).sum().clamp(min=1)
+
+
+def _cross_entropy_sum(hidden, weight, bias, targets, ignore_index):
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    logits = logits.to(compute_dtype(logits.dtype))  # float32, or float64 for float64 inputs
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
 
 
 class FusedLinearAKLLoss(torch.nn.Module):

@@ -1184,7 +1184,7 @@ def triton_row_losses(
     stats = torch.empty(len(STATS_FIELDS), n_rows, dtype=dtype, device=device)
     head_size = torch.empty(n_rows, dtype=torch.int64, device=device)
     split_path = torch.empty(n_rows, dtype=torch.int32, device=device)
-    row_values = torch.empty(n_rows, ROW_VALUES, dtype=dtype, device=device)
+    row_values = torch.zeros(n_rows, ROW_VALUES, dtype=dtype, device=device)  # ignored rows: 0, not stale memory
     grad = None
     if compute_grad:
         grad = torch.empty(student.shape, dtype=student.dtype, device=device) if grad_out is None else grad_out

@@ -16,6 +16,7 @@ from akl_kernels import (
     akl_loss,
     fkl_loss,
     fused_linear_akl_loss,
+    fused_linear_cross_entropy,
     fused_linear_fkl_loss,
     fused_linear_rkl_loss,
     rkl_loss,
@@ -330,3 +331,25 @@ def test_invalid_rows_give_nan(backend):
     inputs["student_hidden"][1, 0] = float("nan")
     loss = fused_linear_akl_loss(**inputs, reduction="none", backend=backend)
     assert loss[1].isnan() and loss[[0, 2]].isfinite().all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_linear_cross_entropy_matches_materialised_logits(reduction):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(30, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 30, (3, 5), generator=g)
+    labels[0, :2] = -100
+    hidden.data[0, :2] = float("nan")  # ignored rows are never multiplied
+    ours = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, reduction=reduction, chunk_size=4)
+    grads = torch.autograd.grad(ours, (hidden, weight, bias))
+    clean = hidden.detach().nan_to_num(0.0).requires_grad_(True)
+    logits = torch.nn.functional.linear(clean, weight, bias)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction=reduction)
+    expected_grads = torch.autograd.grad(expected, (clean, weight, bias))
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        fused_linear_cross_entropy(hidden, weight, labels, reduction="none")

@@ -215,6 +215,31 @@ def test_stored_teacher_step_with_every_token_equals_the_dense_step():
             torch.testing.assert_close(ours, dense, rtol=2e-2, atol=2e-4)
 
 
+def test_compiled_training_step_equals_eager():
+    # --compile runs training_losses under torch.compile(dynamic=True); here with the aot_eager
+    # backend (inductor's C++ build takes a minute on a CPU: benchmarks/test_compile_step.py
+    # times it) over two batch lengths, with the statistics of a logging step. The --fused-linear
+    # step (the logits step compiles in tests/test_compile.py and tests/test_trainer.py).
+    fused = True
+    torch.manual_seed(1)
+    vocab = _Vocabulary()
+    student = train_example.build_model("gpt2", vocab, width=32, layers=1, max_positions=16)
+    teacher = train_example.build_model("gpt2", vocab, width=64, layers=1, max_positions=16).eval()
+    model = train_example.FinalHiddenStates(student) if fused else student
+    args = argparse.Namespace(kd_ratio=0.5, mu=0.5, temperature=1.0, fused_linear=fused, pad_id=0)
+    compiled = torch.compile(train_example.training_losses, dynamic=True, backend="aot_eager")
+    for examples in ([([5, 6, 7], [8, 9, 10, 11]), ([12], [13, 14])], [([3, 4], [5, 6, 7, 8, 9, 10])] * 3):
+        inputs = train_example.collate(examples, pad_id=0)
+        results = []
+        for step in (train_example.training_losses, compiled):
+            student.zero_grad(set_to_none=True)
+            loss, lm, kd, stats = step(model, student, teacher, inputs, "akl", args, True)
+            loss.backward()
+            results.append(([loss, lm, kd, stats.head_weight], [p.grad.clone() for p in student.parameters()]))
+        for ours, eager in zip(results[1][0] + results[1][1], results[0][0] + results[0][1]):
+            torch.testing.assert_close(ours, eager, rtol=1e-4, atol=1e-6)
+
+
 def test_offline_run_from_a_stored_top_k_teacher(tmp_path, cache):
     out = tmp_path / "offline"
     run("train_example.py", "--quick", "--teacher-topk", "8", "--steps", "3", "--device", "cpu", "--out", str(out),
