@@ -4,10 +4,13 @@
 # short table is printed last.
 #
 #   1. the test suite on CUDA tensors: the Triton kernels compiled for real, not interpreted
-#      (train_example.py's end-to-end runs, the head/tail experiment and the AOT compilation
-#      stay with CI: they need no GPU);
+#      (train_example.py's end-to-end runs, the head/tail experiment, the AOT compilation and
+#      the Trainer's tests, which train on the CPU, stay with CI: they need no GPU);
 #   2. akl_loss on 16800 x 128256 > 2^31 bf16 logits against the reference on sampled rows;
-#   3. the GPU benchmarks (benchmarks/workloads.py gives the order: the target shapes
+#   3. torch.compile: tests/test_compile.py runs in stage 1 (on CUDA the Triton operators are
+#      triton_ops that inductor traces, kernels included); benchmarks/test_step_compile.py times
+#      one compiled training step against eager in its own stage (~60 s, mostly compilation);
+#   4. the GPU benchmarks (benchmarks/workloads.py gives the order: the target shapes
 #      16384 x 128256 bf16 and fp32, the split-price workloads (T = 2, real rows), the stored
 #      top-32 and top-128 teacher at 16384 x 128256 bf16 (two more kernels to compile), the
 #      fused-linear case, then the rest of the matrix; then the rest of the loss family (jsd,
@@ -23,7 +26,8 @@
 #   eager reference skipped where it cannot fit (16384 x 128256), the rest of the family after
 #   the KL cases (another ~50 s of compilation), the time budget (200 s) stopping new cases,
 #   the kill at 230 s. Worst case 10 + 150 + 50 +
-#   230 + 5 = 445 s, within the 8 minutes of one device call.
+#   230 + 5 = 445 s, within the 8 minutes of one device call. 2026-12-03: the benchmark stage
+#   cut to 190 s (budget 160 s) for the compiled-step stage (70 s): 10 + 150 + 50 + 190 + 70 + 5 = 475 s.
 #
 # Optional pure-Python packages travel as wheels beside the repository (torch and triton are on
 # the GPU machine already): Liger-Kernel (its peers) and pytest-xdist (parallel tests):
@@ -60,6 +64,7 @@ fi
 start=$SECONDS
 stage 150 env AKL_TEST_DEVICE=cuda python3 -m pytest tests -q -p no:cacheprovider ${parallel[@]+"${parallel[@]}"} \
     --ignore tests/test_train_example.py --ignore tests/test_head_tail.py --ignore tests/test_triton_compile.py \
+    --ignore tests/test_trainer.py \
     2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 tests_s=$((SECONDS - start))
@@ -70,13 +75,22 @@ large_rc=${PIPESTATUS[0]}
 large_s=$((SECONDS - start))
 
 start=$SECONDS
-stage 230 python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,rounds \
-    --akl-results "$OUT/cuda.json" --akl-time-budget 200 2>&1 | tee "$OUT/benchmarks.log"
+stage 190 python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,rounds \
+    --ignore benchmarks/test_step_compile.py --akl-results "$OUT/cuda.json" --akl-time-budget 160 2>&1 \
+    | tee "$OUT/benchmarks.log"
 bench_rc=${PIPESTATUS[0]}
 bench_s=$((SECONDS - start))
 if [ -f "$OUT/cuda.json" ] && [ ! -f "$OUT/cuda.png" ]; then  # cut short: render what was recorded
     python3 -m benchmarks.results "$OUT/cuda.json" > /dev/null 2>&1
 fi
+
+# torch.compile on CUDA: the compile tests (the Triton operators as triton_ops, traced by
+# inductor: kernels in the graph) and one training step compiled against eager.
+start=$SECONDS
+stage 70 python3 -m pytest benchmarks/test_step_compile.py --benchmark-only -q -s -p no:cacheprovider \
+    --akl-results "$OUT/cuda.json" 2>&1 | tee "$OUT/step_compile.log"
+compile_rc=${PIPESTATUS[0]}
+compile_s=$((SECONDS - start))
 
 echo
 echo "== akl-kernels device check: $(head -1 "$OUT/environment.txt") =="
@@ -84,9 +98,10 @@ printf '%-34s %-8s %6s  %s\n' stage rc seconds summary
 printf '%-34s %-8s %6s  %s\n' "tests on CUDA${parallel:+ (xdist)}" "$tests_rc" "$tests_s" "$(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1)"
 printf '%-34s %-8s %6s  %s\n' "> 2^31 elements, bf16" "$large_rc" "$large_s" "$(tail -1 "$OUT/large_check.log" | cut -c1-90)"
 printf '%-34s %-8s %6s  %s\n' "benchmarks" "$bench_rc" "$bench_s" "$(grep -E '(passed|failed|error)' "$OUT/benchmarks.log" | tail -1)"
+printf '%-34s %-8s %6s  %s\n' "compiled step vs eager" "$compile_rc" "$compile_s" "$(grep -E '^step compile' "$OUT/step_compile.log" | cut -c1-110)"
 if [ -f "$OUT/cuda.md" ]; then
     echo
     grep -E '^(docs/semantics.md section|- (bfloat16|float32))' "$OUT/cuda.md"
     grep -E '^\| (bfloat16|float32) .* \| \*\*' "$OUT/cuda.md"  # the split prices
 fi
-[ "$tests_rc" = 0 ] && [ "$large_rc" = 0 ] && [ "$bench_rc" = 0 ]
+[ "$tests_rc" = 0 ] && [ "$large_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$compile_rc" = 0 ]

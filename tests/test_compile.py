@@ -76,7 +76,7 @@ FORMS = list(steps("torch"))
 
 
 def _inputs(rows, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     hidden = torch.randn(rows, 3, HIDDEN, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, VOCAB, (rows, 3), generator=g)
     labels[0, 1] = -100
@@ -158,7 +158,7 @@ def test_compiled_step_skips_host_checks_but_eager_keeps_them():
 
 
 def _row_samples(backend_name):
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     student = torch.randn(4, 40, generator=g, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(4, 40, generator=g, dtype=torch.float64) * 2
     keep = torch.tensor([True, False, True, True])
@@ -185,7 +185,7 @@ def test_opcheck_row_operators(backend_name):
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_opcheck_fused_linear_operator(sparse):
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     hidden = torch.randn(5, HIDDEN, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(VOCAB, HIDDEN, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(VOCAB, generator=g, dtype=torch.float64, requires_grad=True)
