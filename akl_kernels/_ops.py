@@ -31,6 +31,7 @@ import torch
 
 from ._dispatch import refuse_double_backward
 from ._rows import STATS_FIELDS, RowBackend, RowLossConfig, compute_dtype
+from .divergences import LossMode
 from .teacher_topk import TeacherTopK
 from .torch_backend import TORCH_BACKEND, TORCH_SPARSE_BACKEND
 
@@ -43,8 +44,7 @@ def config_args(config: RowLossConfig) -> tuple:
 
 
 def op_config(mode, mu, temperature, split, stats, w_p, w_q) -> RowLossConfig:
-    from .divergences import LossMode
-
+    """The RowLossConfig of config_args' tuple."""
     return RowLossConfig(LossMode(mode), mu, temperature, split, stats, (w_p, w_q))
 
 

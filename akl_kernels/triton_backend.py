@@ -1087,14 +1087,31 @@ def row_alignment(x: torch.Tensor) -> int:
     return per_vector if aligned and per_vector > 1 else 1
 
 
-def _start_address(x: torch.Tensor) -> int:
-    """x's data pointer; while torch.compile traces (fake tensors have none) the byte offset of x
-    in its storage, the storage itself taken as 16-byte aligned (CUDA's caching allocator aligns
-    to 512 bytes, and so do inductor's buffers)."""
+def launch_options(x: torch.Tensor, block: int) -> dict:
+    """The launch's num_warps, and the register cap (maxnreg) in eager. While torch.compile
+    traces, inductor launches the kernels itself and takes num_warps and num_stages only, so the
+    cap is left out there (the kernels then may use more registers: fewer programs per SM)."""
+    if _traced(x):
+        return {"num_warps": num_warps(block)}
+    return {"num_warps": num_warps(block), "maxnreg": MAX_REGISTERS}
+
+
+def _traced(x: torch.Tensor) -> bool:
+    """Whether x is one of torch.compile's fake or functional tensors (which have no data pointer)."""
     try:
-        return x.data_ptr()
+        x.data_ptr()
     except RuntimeError:
+        return True
+    return False
+
+
+def _start_address(x: torch.Tensor) -> int:
+    """x's data pointer; while torch.compile traces, the byte offset of x in its storage, the
+    storage itself taken as 16-byte aligned (CUDA's caching allocator aligns to 512 bytes, and so
+    do inductor's buffers)."""
+    if _traced(x):
         return x.storage_offset() * x.element_size()
+    return x.data_ptr()
 
 
 @functools.cache
@@ -1141,7 +1158,7 @@ def _launch(student, teacher, keep, config) -> _Launch:
         common=dict(
             HAS_KEEP=keep is not None, COMPUTE_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
             STUDENT_ALIGN=row_alignment(student), TEACHER_ALIGN=row_alignment(teacher),
-            num_warps=num_warps(block), maxnreg=MAX_REGISTERS,
+            **launch_options(student, block),
         ),
     )
 

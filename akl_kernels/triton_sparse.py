@@ -26,13 +26,12 @@ from torch.library import wrap_triton
 
 from ._sparse_rows import StudentPasses, sparse_backend
 from .triton_backend import (
-    MAX_REGISTERS,
     _is_kept,
     _load,
     _program_slots,
     _vocabulary_contiguous,
     block_size,
-    num_warps,
+    launch_options,
     row_alignment,
     row_offsets,
     split_path_name,
@@ -188,7 +187,7 @@ def _plan(student, indices, keep, dtype):
     return n_rows, min(n_rows, _program_slots(student.device)), dict(
         HAS_KEEP=keep is not None, COMPUTE_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
         STUDENT_ALIGN=row_alignment(student), BLOCK=block, K_BLOCK=triton.next_power_of_2(indices.shape[1]),
-        num_warps=num_warps(block), maxnreg=MAX_REGISTERS,
+        **launch_options(student, block),
     )
 
 

@@ -170,7 +170,7 @@ def test_fused_linear_step_equals_the_logits_step(family, loss_name):
                                                                  with_stats=True)
         loss.backward()
         grads = {name: p.grad.clone() for name, p in student.named_parameters()}
-        results[fused] = (loss.item(), lm_loss.item(), kd.item(), stats, grads)
+        results[fused] = (loss.item(), lm_loss.item(), kd.item(), train_example.gap_stats(stats, inputs["labels"]), grads)
     (loss, lm_loss, kd, stats, grads), expected = results[True], results[False]
     assert (loss, lm_loss, kd) == pytest.approx(expected[:3], rel=1e-4, abs=1e-7)  # a KL near 0.01: float32 rounding
     assert stats == pytest.approx(expected[3], rel=1e-4, abs=1e-6)
