@@ -777,7 +777,10 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-lr", type=float, default=3e-3)
     parser.add_argument("--steps", type=int, help="distillation steps (default: the preset's)")
     parser.add_argument("--train-records", type=int, help="use only the first N training records (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="initialisations, data order and (by default) the split")
+    parser.add_argument("--split-seed", type=int,
+                        help="the train / validation split's seed (default: --seed); fixed, a second --seed varies "
+                             "only the student's initialisation and data order and reuses a stored teacher file")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: one GPU per rank when there are enough, else the CPU")
     parser.add_argument("--quick", action="store_true", help="a small configuration that runs in under 90 s")
@@ -861,7 +864,8 @@ def main(argv=None):
     transformers_logging.disable_progress_bar()  # weight loading/saving bars; ours shows the training
 
     records = load_dolly(args.data) if args.data else pydoc_records()
-    train_records, val_records = split_records(records, preset, args.seed)
+    split_seed = args.seed if args.split_seed is None else args.split_seed
+    train_records, val_records = split_records(records, preset, split_seed)
     train_records = train_records[: args.train_records]
     key = f"{'quick' if args.quick else 'default'}-{data_digest(train_records)}"
 

