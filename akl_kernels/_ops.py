@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ._dispatch import refuse_double_backward
-from ._rows import STATS_FIELDS, RowBackend, RowLossConfig, compute_dtype
+from ._rows import STATS_FIELDS, RowBackend, RowLossConfig, compute_dtype, is_traced
 from .divergences import LossMode
 from .teacher_topk import TeacherTopK
 from .torch_backend import TORCH_BACKEND, TORCH_SPARSE_BACKEND
@@ -168,7 +168,7 @@ def scale_forward_gradient(grad, grad_loss, keep):
     backward, grad_loss is a fake or functional tensor with no value to read: the product is then
     written functionally, for inductor to fuse.
     """
-    traced = type(grad_loss) is not torch.Tensor  # fake, functional or another subclass
+    traced = is_traced(grad_loss)
     if grad_loss.dim() == 0:
         if traced:
             return grad * grad_loss.to(grad.dtype)
@@ -205,14 +205,14 @@ def _triton_backends():
 
 
 def _define_all():
+    """Define every backend's operators; {name: RowBackend}."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    for backend in (TORCH_BACKEND, TORCH_SPARSE_BACKEND):
-        _define_row_ops(backend, traceable=False)
+    backends = {TORCH_BACKEND: False, TORCH_SPARSE_BACKEND: False}
+    backends.update((backend, not interpreted) for backend in _triton_backends())
+    for backend, traceable in backends.items():
+        _define_row_ops(backend, traceable)
         _register_row_autograd(backend)
-    for backend in _triton_backends():
-        _define_row_ops(backend, traceable=not interpreted)
-        _register_row_autograd(backend)
-    return {backend.name: backend for backend in (TORCH_BACKEND, TORCH_SPARSE_BACKEND, *_triton_backends())}
+    return {backend.name: backend for backend in backends}
 
 
 # Every RowBackend by name, its operators defined.

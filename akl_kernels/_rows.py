@@ -113,6 +113,16 @@ def loss_weights(kl_weights, head_gap, tail_gap):
     return torch.where(tied, 0.5, head_gap / total_gap), torch.where(tied, 0.5, tail_gap / total_gap)
 
 
+def is_traced(x: torch.Tensor) -> bool:
+    """Whether x is one of torch.compile's (or opcheck's) fake or functional tensors, which hold no
+    values and have no data pointer: code that reads values or pointers must take another way."""
+    try:
+        x.data_ptr()
+    except RuntimeError:
+        return True
+    return False
+
+
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """float64 when any of the inputs' dtypes is float64, else float32 (docs/semantics.md
     section 2, rule 3)."""

@@ -200,7 +200,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
         hidden: (..., H) floating hidden states. weight: (V, H) lm_head weight. bias: optional (V,).
         labels: (...) integer targets; ignore_index marks rows that do not count.
         reduction: "mean" (over counted rows; 0 when none counts) or "sum".
-        chunk_size: rows per chunk; None picks max(1, 2^20 / V).
+        chunk_size: rows per chunk; None picks default_chunk_rows(V, H), as the distillation losses.
 
     Returns:
         0-dim float32 loss (float64 for float64 inputs).
@@ -213,7 +213,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
     if not torch.compiler.is_compiling():  # only counted rows are multiplied (compiled: all, no data-dependent shape)
         counted = targets.ne(ignore_index).nonzero().squeeze(1)
         rows, targets = rows.index_select(0, counted), targets.index_select(0, counted)
-    chunk_size = chunk_size or max(1, MIN_CHUNK_ELEMENTS // weight.shape[0])
+    chunk_size = chunk_size or default_chunk_rows(*weight.shape)
     total = rows.new_zeros((), dtype=compute_dtype(hidden.dtype, weight.dtype))
     for start in range(0, rows.shape[0], chunk_size):
         part = slice(start, start + chunk_size)

@@ -1,5 +1,5 @@
 """The losses on logits: distillation_loss, DistillationLoss, the named akl_loss, fkl_loss,
-rkl_loss, AKLLoss, and their autograd Function.
+rkl_loss and AKLLoss.
 
 Arguments are checked by ``_validation.py``; ``_dispatch.py`` picks the backend (``_rows.py``
 says what a backend computes) and shapes the results; ``_ops.py`` runs the backend's rows as a

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._rows import TOPK, RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype
+from ._rows import TOPK, RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype, is_traced
 from .divergences import BY_MODE, LossMode
 
 MODE_AKL: tl.constexpr = tl.constexpr(int(LossMode.AKL))
@@ -1091,25 +1091,16 @@ def launch_options(x: torch.Tensor, block: int) -> dict:
     """The launch's num_warps, and the register cap (maxnreg) in eager. While torch.compile
     traces, inductor launches the kernels itself and takes num_warps and num_stages only, so the
     cap is left out there (the kernels then may use more registers: fewer programs per SM)."""
-    if _traced(x):
+    if is_traced(x):
         return {"num_warps": num_warps(block)}
     return {"num_warps": num_warps(block), "maxnreg": MAX_REGISTERS}
-
-
-def _traced(x: torch.Tensor) -> bool:
-    """Whether x is one of torch.compile's fake or functional tensors (which have no data pointer)."""
-    try:
-        x.data_ptr()
-    except RuntimeError:
-        return True
-    return False
 
 
 def _start_address(x: torch.Tensor) -> int:
     """x's data pointer; while torch.compile traces, the byte offset of x in its storage, the
     storage itself taken as 16-byte aligned (CUDA's caching allocator aligns to 512 bytes, and so
     do inductor's buffers)."""
-    if _traced(x):
+    if is_traced(x):
         return x.storage_offset() * x.element_size()
     return x.data_ptr()
 
