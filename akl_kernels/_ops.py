@@ -132,13 +132,20 @@ def _register_row_autograd(row_backend: RowBackend):
 
     def setup_context(ctx, inputs, output):
         student, teacher, keep, grad_scale, *config, reduction, forward_grad = inputs
-        _loss, _stats, _head_size, grad, state = output
+        _loss, stats, head_size, grad, state = output
+        # Only the loss is differentiable: no vocabulary-sized zeros are made for the gradient
+        # of the forward-gradient output (or of the others) in backward.
+        ctx.mark_non_differentiable(stats, head_size, grad, state)
+        ctx.set_materialize_grads(False)
         ctx.grad = grad if forward_grad else None
         ctx.config = config
         ctx.save_for_backward(student, keep, grad_scale, state, *teacher)
 
     def backward(ctx, grad_loss, _stats, _head_size, _grad, _state):
         refuse_double_backward()
+        no_grads = [None] * len(ctx.saved_tensors[4:])
+        if grad_loss is None:  # undefined: a zero gradient
+            return None, no_grads, None, None, *[None] * 7, None, None
         grad, ctx.grad = ctx.grad, None
         student, keep, grad_scale, state, *teacher = ctx.saved_tensors
         n_rows = student.numel() // student.shape[-1]
@@ -151,7 +158,7 @@ def _register_row_autograd(row_backend: RowBackend):
             else:
                 row_scale = grad_loss.reshape(-1).to(grad_scale.dtype)
             grad = gradient_op(student, teacher, keep, row_scale, state, *ctx.config)
-        return grad, [None] * len(teacher), None, None, *[None] * 7, None, None
+        return grad, no_grads, None, None, *[None] * 7, None, None
 
     torch.library.register_autograd(
         f"{NAMESPACE}::{row_backend.name}_rows", backward, setup_context=setup_context

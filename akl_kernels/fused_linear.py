@@ -401,6 +401,9 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
 def _fused_linear_setup_context(ctx, inputs, output):
     *tensors, keep, grad_scale, _row_scale = inputs[:9]
     *options, reduction, wanted = inputs[9:]
+    # Only the loss is differentiable: backward gets no zeros the size of the gradient outputs.
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     ctx.grads = output[3:] if any(wanted) else None  # computed in forward ("mean", "sum")
     ctx.options = options
     ctx.wanted = list(ctx.needs_input_grad[:3])
@@ -414,6 +417,8 @@ def _fused_linear_backward(ctx, grad_loss, _stats, _head_size, *_grads):
     graph, the chunks again with each row's grad_output folded into g. Double backward is
     refused."""
     refuse_double_backward()
+    if grad_loss is None:  # undefined: a zero gradient
+        return (None,) * 21
     grads, ctx.grads = ctx.grads, None
     *inputs, keep, grad_scale = ctx.saved_tensors
     if grad_loss.dim() == 0 and grads is not None:

@@ -9,6 +9,7 @@ rows, is reached on a few rows with wider logits.
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from akl_kernels import (
     AKLLoss,
@@ -173,6 +174,43 @@ def test_double_backward_guard_keeps_retained_graph(backend):
     reference_loss(h_ref @ weight.T, teacher_hidden @ teacher_weight.T)[0].backward()
     torch.testing.assert_close(first, h_ref.grad, rtol=1e-9, atol=1e-11)
     assert torch.equal(second, first)
+
+
+class _NewLargeTensors(TorchDispatchMode):
+    """Records every operator result of at least `size` elements that does not share storage
+    with an argument (a new allocation, not a view or an in-place result)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.seen = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.numel() >= self.size and o.untyped_storage().data_ptr() not in inputs:
+                self.seen.append((str(func), tuple(o.shape)))
+        return out
+
+
+def test_backward_allocates_nothing_gradient_sized_when_forward_computed_it(backend):
+    """Where the forward pass computed the gradient (torch backend logits, both backends' hidden
+    states with "mean"), backward only scales it: no new tensor of the gradient's size, such as
+    zeros for the gradients of the statistics and gradient outputs, which autograd would
+    otherwise materialise (a whole extra student-sized, or weight-sized, buffer)."""
+    student, teacher = torch.randn(8, 300), torch.randn(8, 300)
+    if backend == "torch":
+        s = student.requires_grad_(True)
+        loss = akl_loss(s, teacher, backend=backend)
+        with _NewLargeTensors(s.numel()) as seen:
+            loss.backward()
+        assert seen.seen == []
+    hidden, weight = torch.randn(8, 16, requires_grad=True), torch.randn(300, 16, requires_grad=True)
+    loss = fused_linear_akl_loss(hidden, weight, torch.randn(8, 16), torch.randn(300, 16), backend=backend)
+    with _NewLargeTensors(weight.numel()) as seen:
+        loss.backward()
+    assert seen.seen == []
 
 
 # --- 3. empty batches --------------------------------------------------------------------------
