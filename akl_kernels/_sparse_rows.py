@@ -4,9 +4,9 @@ backends, around two vocabulary-long passes over the student that each backend p
 A backend's part (:class:`StudentPasses`):
 
 - ``unlisted_logsumexp(student, indices, keep, temperature, dtype)`` reads each kept student row
-  once and returns three (N,) tensors: the log-sum-exp of b = s / T (in dtype) over the support
-  tokens that are not listed (-inf when there are none; computed from those tokens alone, never
-  as a difference), how many there are (int64), and whether the row holds NaN or +inf (bool);
+  once and returns two (N,) tensors: the log-sum-exp of b = s / T (in dtype) over the support
+  tokens that are not listed (-inf exactly when there are none; computed from those tokens
+  alone, never as a difference), and whether the row holds NaN or +inf (bool);
 - ``gradient(student, indices, keep, temperature, lse, listed_grad, unlisted_factor, grad_out)``
   writes the gradient once: ``listed_grad`` (N, K) at listed tokens, ``exp(b_j - lse) *
   unlisted_factor`` at the other support tokens, 0 off the support and on ignored rows, rounded
@@ -92,7 +92,7 @@ def _listed_values(passes, student, indices, logprobs, keep, temperature, dtype)
     log_p = logprobs.to(dtype)
     listed = indices >= 0
     valid = listed & (listed_student > float("-inf")) & (log_p > float("-inf"))
-    lse_unlisted, unlisted_count, has_nan_or_inf = passes.unlisted_logsumexp(student, indices, keep, temperature, dtype)
+    lse_unlisted, has_nan_or_inf = passes.unlisted_logsumexp(student, indices, keep, temperature, dtype)
     bad_logprobs = (listed & (log_p.isnan() | (log_p == float("inf")))).any(-1)
 
     # log-sum-exp over the support: the unlisted part from the pass, the listed part here.
@@ -100,7 +100,7 @@ def _listed_values(passes, student, indices, logprobs, keep, temperature, dtype)
     top = torch.maximum(lse_unlisted, b.amax(-1))
     top = torch.where(top.isfinite(), top, 0.0)
     lse = top + torch.log(torch.exp(lse_unlisted - top) + torch.exp(b - top[:, None]).sum(-1))
-    bucket = unlisted_count > 0
+    bucket = lse_unlisted > float("-inf")
     invalid = has_nan_or_inf | bad_logprobs | ~(bucket | valid.any(-1))
 
     log_q = torch.where(valid, listed_student - lse[:, None], 0.0)

@@ -181,20 +181,30 @@ TORCH_BACKEND = RowBackend(
 
 def torch_unlisted_logsumexp(student, indices, keep, temperature, dtype):
     """A sparse teacher's pass over the student (_sparse_rows.StudentPasses): per row, the
-    log-sum-exp of s / T over the support tokens not in `indices` (N, K) (-inf if none), their
-    count and whether the row holds NaN or +inf. Ignored rows are not read (-inf, 0, False)."""
+    log-sum-exp of s / T over the support tokens not in `indices` (N, K) (-inf if none) and
+    whether the row holds NaN or +inf. Ignored rows are not read (-inf, False)."""
     vocab = student.shape[-1]
     n_rows = student.numel() // vocab
     lse = torch.full((n_rows,), NEG_INF, dtype=dtype, device=student.device)
-    count = torch.zeros(n_rows, dtype=torch.int64, device=student.device)
     has_nan_or_inf = torch.zeros(n_rows, dtype=torch.bool, device=student.device)
     for rows, chunk, _, s in _chunks(student, None, keep, dtype):
-        has_nan_or_inf[rows] = (s.isnan() | (s == INF)).any(-1)
-        b = torch.div(s, temperature, out=chunk.a)
-        unlisted = (b > NEG_INF) & ~_listed_mask(indices[rows], vocab)
-        count[rows] = unlisted.sum(-1)
-        lse[rows] = torch.logsumexp(b.masked_fill_(~unlisted, NEG_INF), dim=-1)
-    return lse, count, has_nan_or_inf
+        listed = indices[rows]
+        # b = s / T with the listed tokens at -inf (so are -inf logits: outside the support).
+        b = _with_padding_column(chunk)
+        torch.div(s, temperature, out=b[:, :vocab])
+        b.scatter_(1, _padding_at_end(listed, vocab), NEG_INF)
+        b = b[:, :vocab]
+        top = b.amax(1, keepdim=True)  # NaN or +inf when an unlisted token is
+        has_nan_or_inf[rows] = _is_nan_or_inf(s.gather(1, listed.clamp(min=0))).logical_and_(listed >= 0).any(1)
+        if not bool((top < INF).all()):  # NaN or +inf among the unlisted tokens: look at the logits themselves
+            has_nan_or_inf[rows] |= _is_nan_or_inf(s).any(1)
+        top = torch.where(top.isfinite(), top, 0.0)
+        lse[rows] = torch.sub(b, top, out=b).exp_().sum(1).log_().add_(top.squeeze(1))
+    return lse, has_nan_or_inf
+
+
+def _is_nan_or_inf(x):
+    return x.isnan() | (x == INF)
 
 
 def torch_sparse_gradient(student, indices, keep, temperature, lse, listed_grad, unlisted_factor, grad_out=None):
@@ -204,8 +214,7 @@ def torch_sparse_gradient(student, indices, keep, temperature, lse, listed_grad,
     n_rows = student.numel() // vocab
     grad = _gradient_buffer(student, keep, grad_out)
     for rows, chunk, _, s in _chunks(student, None, keep, lse.dtype):
-        # One column past the row takes the padding's (-1) writes.
-        chunk_grad = torch.empty(rows.numel(), vocab + 1, dtype=lse.dtype, device=student.device)
+        chunk_grad = _with_padding_column(chunk)
         torch.div(s, temperature, out=chunk_grad[:, :vocab]).sub_(lse[rows, None]).exp_()
         chunk_grad[:, :vocab].mul_(unlisted_factor[rows, None])
         chunk_grad.scatter_(1, _padding_at_end(indices[rows], vocab), listed_grad[rows])
@@ -213,15 +222,16 @@ def torch_sparse_gradient(student, indices, keep, temperature, lse, listed_grad,
     return grad
 
 
+def _with_padding_column(chunk):
+    """The chunk's (R, V + 1) workspace buffer: a row and one column past it, where writes for
+    padding (-1) indices land (_padding_at_end)."""
+    rows, vocab = chunk.workspace.shape
+    return chunk.workspace.buffer("wide", shape=(rows, vocab + 1))[: chunk.count]
+
+
 def _padding_at_end(indices, vocab):
     """(R, K) indices with padding (-1) moved to column V, one past the row."""
     return torch.where(indices >= 0, indices, vocab)
-
-
-def _listed_mask(indices, vocab):
-    """(R, V) bool: True at the tokens listed in indices (R, K)."""
-    mask = torch.zeros(indices.shape[0], vocab + 1, dtype=torch.bool, device=indices.device)
-    return mask.scatter_(1, _padding_at_end(indices, vocab), True)[:, :vocab]
 
 
 TORCH_SPARSE_BACKEND = sparse_backend(
@@ -297,10 +307,10 @@ class _Workspace:
         padded[size:] = False
         return padded, padded[:size].view(count, vocab)
 
-    def buffer(self, name, dtype=None):
-        """The (rows, V) buffer NAME, of the compute dtype unless dtype says otherwise."""
+    def buffer(self, name, dtype=None, shape=None):
+        """The buffer NAME, (rows, V) and of the compute dtype unless dtype and shape say otherwise."""
         if name not in self.buffers:
-            self.buffers[name] = torch.empty(self.shape, dtype=dtype or self.dtype, device=self.device)
+            self.buffers[name] = torch.empty(shape or self.shape, dtype=dtype or self.dtype, device=self.device)
         return self.buffers[name]
 
 
@@ -313,6 +323,10 @@ class _ChunkBuffers:
     @property
     def workspace(self):
         return self._workspace
+
+    @property
+    def count(self):
+        return self._count
 
     def __getattr__(self, name):
         return self._workspace.buffer(name)[: self._count]

@@ -5,7 +5,7 @@ are the only vocabulary-long parts, each one read of the student row (and, for t
 write), with nothing vocabulary-sized made for the teacher:
 
   _unlisted_logsumexp_kernel  online maximum and sum of exp2 over the student's support tokens
-           that are not listed, their count and NaN/+inf detection;
+           that are not listed, and NaN/+inf detection;
   _sparse_gradient_kernel  the gradient: exp(b_j - lse) times the row's bucket factor at
            unlisted tokens, the listed tokens' own values at theirs, rounded once.
 
@@ -38,7 +38,7 @@ from .triton_backend import (
 )
 
 # Columns of the first pass's per-row output.
-OUT_LOG2_SUM, OUT_COUNT, OUT_BAD, OUT_COLUMNS = 0, 1, 2, 3
+OUT_LOG2_SUM, OUT_BAD, OUT_COLUMNS = 0, 1, 2
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def _unlisted_logsumexp_kernel(
     student_row_offsets_ptr,  # *int64 [N]
     keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
     indices_ptr,  # *int64 [N, K] listed tokens, each row ascending (padding -1 first)
-    out_ptr,  # *compute dtype [N, 3]: log2 sum 2^((s - m) c) and m, as one log2 value; count; NaN/+inf
+    out_ptr,  # *compute dtype [N, 2]: log2 sum 2^((s - m) c); NaN/+inf
     max_ptr,  # *compute dtype [N] the unlisted support's largest student logit m
     c,  # log2(e) / T
     n_rows,
@@ -77,16 +77,15 @@ def _unlisted_logsumexp_kernel(
     K_BLOCK: tl.constexpr,
 ):
     """One read of each kept student row: over its support tokens that are not listed, the
-    maximum m and log2 sum 2^((s - m) c) (-inf when there are none), their count, and whether the
-    row holds NaN or +inf anywhere. Ignored rows are not read."""
+    maximum m and log2 sum 2^((s - m) c) (-inf when there are none), and whether the row holds
+    NaN or +inf anywhere. Ignored rows are not read."""
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     row = program.to(tl.int64)
     while row < n_rows:
-        out = out_ptr + row * 3
+        out = out_ptr + row * 2
         log2_sum = tl.full([], float("-inf"), COMPUTE_DTYPE)
         row_max = tl.full([], float("-inf"), COMPUTE_DTYPE)
-        count = tl.zeros([], COMPUTE_DTYPE)
         bad = tl.zeros([], tl.int32)
         if _is_kept(keep_ptr, row, HAS_KEEP):
             student_row = _student_row(student_ptr, student_row_offsets_ptr, row, STUDENT_ALIGN)
@@ -96,7 +95,6 @@ def _unlisted_logsumexp_kernel(
             # Per-lane running maximum and sum of 2^((s - max) c), merged at the end of the row.
             lane_max = tl.full([BLOCK], float("-inf"), COMPUTE_DTYPE)
             lane_sum = tl.zeros([BLOCK], COMPUTE_DTYPE)
-            lane_count = tl.zeros([BLOCK], tl.int32)
             lane_bad = tl.zeros([BLOCK], tl.int32)
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
@@ -107,7 +105,6 @@ def _unlisted_logsumexp_kernel(
                 for j in range(first, last):
                     listed |= cols == tl.load(indices_row + j)
                 unlisted = (s > float("-inf")) & ~listed
-                lane_count += unlisted.to(tl.int32)
                 x = tl.where(unlisted, s, float("-inf"))
                 new_max = tl.maximum(lane_max, x)
                 # Shift before scaling, so that finite logits never overflow; -inf - -inf is kept out.
@@ -118,11 +115,9 @@ def _unlisted_logsumexp_kernel(
             safe_row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
             total = tl.sum(lane_sum * tl.exp2((lane_max - safe_row_max) * c), 0)
             log2_sum = tl.log2(total)  # -inf when no unlisted support token
-            count = tl.sum(lane_count, 0).to(COMPUTE_DTYPE)
             bad = tl.max(lane_bad, 0)
         tl.store(out + 0, log2_sum)
-        tl.store(out + 1, count)
-        tl.store(out + 2, bad.to(COMPUTE_DTYPE))
+        tl.store(out + 1, bad.to(COMPUTE_DTYPE))
         tl.store(max_ptr + row, row_max)
         row += programs
 
@@ -206,7 +201,7 @@ def triton_unlisted_logsumexp(student, indices, keep, temperature, dtype):
     # lse = m / T + ln(sum) in natural units.
     lse = row_max / temperature + out[:, OUT_LOG2_SUM] * math.log(2.0)
     lse = torch.where(out[:, OUT_LOG2_SUM] == float("-inf"), float("-inf"), lse)
-    return lse, out[:, OUT_COUNT].to(torch.int64), out[:, OUT_BAD] != 0
+    return lse, out[:, OUT_BAD] != 0
 
 
 def triton_sparse_gradient(student, indices, keep, temperature, lse, listed_grad, unlisted_factor, grad_out=None):
