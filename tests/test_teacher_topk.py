@@ -204,13 +204,21 @@ def test_gradcheck(backend, loss):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_invalid_rows_give_nan(backend):
-    student, teacher = _case(n_rows=4, vocab=24, k=4, seed=9)
-    student[0, 3] = float("nan")
-    student[1, 5] = float("inf")
-    teacher.logprobs[2, 1] = float("nan")
+    """NaN or +inf in the student at a listed or at an unlisted token, or NaN among the stored
+    log-probabilities, makes the row's results NaN; the other rows are untouched."""
+    student, teacher = _case(n_rows=6, vocab=24, k=4, seed=9)
+    listed = lambda row: int(teacher.indices[row, 0])  # noqa: E731
+    unlisted = lambda row: next(j for j in range(24) if j not in teacher.indices[row].tolist())  # noqa: E731
+    student[0, unlisted(0)] = float("nan")
+    student[1, unlisted(1)] = float("inf")
+    student[2, listed(2)] = float("nan")
+    student[3, listed(3)] = float("inf")
+    teacher.logprobs[4, 1] = float("nan")
     loss, stats = akl_loss(student, teacher, reduction="none", return_stats=True, backend=backend)
-    assert loss[:3].isnan().all() and loss[3].isfinite()
-    assert stats.head_size[:3].tolist() == [0, 0, 0] and stats.fkl[:3].isnan().all()
+    assert loss[:5].isnan().all() and loss[5].isfinite()
+    assert stats.head_size[:5].tolist() == [0] * 5 and stats.fkl[:5].isnan().all()
+    valid = akl_loss(student[5:], TeacherTopK(teacher.logprobs[5:], teacher.indices[5:]), reduction="none", backend=backend)
+    assert torch.equal(loss[5:], valid)
 
 
 def test_named_losses_and_module_take_a_sparse_teacher():
