@@ -4,13 +4,18 @@ backends, around two vocabulary-long passes over the student that each backend p
 A backend's part (:class:`StudentPasses`):
 
 - ``unlisted_logsumexp(student, indices, keep, temperature, dtype)`` reads each kept student row
-  once and returns two (N,) tensors: the log-sum-exp of b = s / T (in dtype) over the support
-  tokens that are not listed (-inf exactly when there are none; computed from those tokens
-  alone, never as a difference), and whether the row holds NaN or +inf (bool);
-- ``gradient(student, indices, keep, temperature, lse, listed_grad, unlisted_factor, grad_out)``
-  writes the gradient once: ``listed_grad`` (N, K) at listed tokens, ``exp(b_j - lse) *
-  unlisted_factor`` at the other support tokens, 0 off the support and on ignored rows, rounded
-  once to the student's dtype (into grad_out when given).
+  once and returns three (N,) tensors: m, the largest student logit s among the support tokens
+  that are not listed (-inf exactly when there are none), the log-sum-exp of (s - m) / T over
+  those tokens (in dtype; computed from them alone, never as a difference; -inf when there are
+  none), and whether the row holds NaN or +inf (bool);
+- ``gradient(student, indices, keep, temperature, shift, lse, listed_grad, unlisted_factor,
+  grad_out)`` writes the gradient once: ``listed_grad`` (N, K) at listed tokens,
+  ``exp((s_j - shift) / T - lse) * unlisted_factor`` at the other support tokens, 0 off the
+  support and on ignored rows, rounded once to the student's dtype (into grad_out when given).
+
+Logits are shifted by a row's largest before T divides them (docs/semantics.md rule 21), so
+that no finite logit overflows at a small T: q_j = exp((s_j - shift) / T - lse) with shift the
+row's largest support logit and lse the log-sum-exp of (s - shift) / T.
 
 Everything else (the listed student logits, the normaliser, the bucket, FKL and RKL, the head
 among the listed tokens, the gaps, weights, loss and the gradient's coefficients) is computed
@@ -36,7 +41,7 @@ from .divergences import BY_MODE
 BUCKET_FLOOR = 2.0**-24
 
 # Leading columns of the per-row state that row_gradient reads; the K listed coefficients follow.
-STATE_LSE, STATE_UNLISTED, STATE_COLUMNS = 0, 1, 2
+STATE_SHIFT, STATE_LSE, STATE_UNLISTED, STATE_COLUMNS = 0, 1, 2, 3
 
 
 class StudentPasses(NamedTuple):
@@ -81,29 +86,38 @@ class _Listed(NamedTuple):
     p_bucket: torch.Tensor
     log_q_bucket: torch.Tensor
     q_bucket: torch.Tensor
-    lse: torch.Tensor  # (N,) log-sum-exp of b over the whole support
+    shift: torch.Tensor  # (N,) the largest student logit of the support (0 where there is none)
+    lse: torch.Tensor  # (N,) log-sum-exp of (s - shift) / T over the whole support
     invalid: torch.Tensor  # (N,) bool: NaN/+inf in the row, or an empty support
 
 
 def _listed_values(passes, student, indices, logprobs, keep, temperature, dtype) -> _Listed:
     """Rules 31-33: the two distributions on the listed tokens and the bucket."""
     safe = indices.clamp(min=0).reshape(*student.shape[:-1], indices.shape[-1])
-    listed_student = student.gather(-1, safe).reshape(indices.shape).to(dtype) / temperature  # (N, K)
+    listed_s = student.gather(-1, safe).reshape(indices.shape).to(dtype)  # (N, K)
     log_p = logprobs.to(dtype)
     listed = indices >= 0
-    valid = listed & (listed_student > float("-inf")) & (log_p > float("-inf"))
-    lse_unlisted, has_nan_or_inf = passes.unlisted_logsumexp(student, indices, keep, temperature, dtype)
+    valid = listed & (listed_s > float("-inf")) & (log_p > float("-inf"))
+    unlisted_max, unlisted_lse, has_nan_or_inf = passes.unlisted_logsumexp(student, indices, keep, temperature, dtype)
     bad_logprobs = (listed & (log_p.isnan() | (log_p == float("inf")))).any(-1)
 
-    # log-sum-exp over the support: the unlisted part from the pass, the listed part here.
-    b = torch.where(valid, listed_student, float("-inf"))
-    top = torch.maximum(lse_unlisted, b.amax(-1))
+    # The row's shift: its largest support logit, over the unlisted tokens (from the pass) and
+    # the listed ones; x = (s - shift) / T <= 0 cannot overflow.
+    shift = torch.maximum(unlisted_max, torch.where(valid, listed_s, float("-inf")).amax(-1))
+    shift = torch.where(shift.isfinite(), shift, 0.0)  # no support, or an invalid row
+    x = torch.where(valid, (listed_s - shift[:, None]) / temperature, float("-inf"))
+    # The unlisted tokens' log-sum-exp of x: -inf when there are none (or when their distance
+    # to the shift over T is beyond the dtype's range).
+    bucket = unlisted_lse > float("-inf")
+    x_unlisted = torch.where(bucket, unlisted_lse + (unlisted_max - shift) / temperature, float("-inf"))
+
+    # log-sum-exp of x over the support: the unlisted part from the pass, the listed part here.
+    top = torch.maximum(x_unlisted, x.amax(-1))
     top = torch.where(top.isfinite(), top, 0.0)
-    lse = top + torch.log(torch.exp(lse_unlisted - top) + torch.exp(b - top[:, None]).sum(-1))
-    bucket = lse_unlisted > float("-inf")
+    lse = top + torch.log(torch.exp(x_unlisted - top) + torch.exp(x - top[:, None]).sum(-1))
     invalid = has_nan_or_inf | bad_logprobs | ~(bucket | valid.any(-1))
 
-    log_q = torch.where(valid, listed_student - lse[:, None], 0.0)
+    log_q = torch.where(valid, x - lse[:, None], 0.0)
     q = torch.where(valid, log_q.exp(), 0.0)
     log_p = torch.where(valid, log_p, 0.0)
     p = torch.where(valid, log_p.exp(), 0.0)
@@ -111,9 +125,10 @@ def _listed_values(passes, student, indices, logprobs, keep, temperature, dtype)
     # log-sum-exp (exact where q_B is tiny, unlike 1 - sum q).
     p_bucket = torch.where(bucket, (1.0 - p.sum(-1)).clamp(min=BUCKET_FLOOR), 0.0)
     log_p_bucket = torch.where(bucket, p_bucket.log(), 0.0)
-    log_q_bucket = torch.where(bucket, lse_unlisted - lse, 0.0)
+    log_q_bucket = torch.where(bucket, x_unlisted - lse, 0.0)
     q_bucket = torch.where(bucket, log_q_bucket.exp(), 0.0)
-    return _Listed(valid, log_p, p, log_q, q, bucket, log_p_bucket, p_bucket, log_q_bucket, q_bucket, lse, invalid)
+    return _Listed(valid, log_p, p, log_q, q, bucket, log_p_bucket, p_bucket, log_q_bucket, q_bucket, shift, lse,
+                   invalid)
 
 
 def _head(listed: _Listed, mu, indices):
@@ -147,9 +162,9 @@ def sparse_row_losses(
 ) -> RowLosses:
     """Per-row losses against a TeacherTopK; arguments and result as RowBackend.row_losses.
 
-    student: (..., V); teacher: TeacherTopK of (..., K). The state is (N, 2 + K): the row's
-    log-sum-exp, the bucket's gradient factor and the listed tokens' gradient coefficients (in
-    index order), each before the row's scale and 1/T.
+    student: (..., V); teacher: TeacherTopK of (..., K). The state is (N, 3 + K): the row's
+    shift and log-sum-exp, the bucket's gradient factor and the listed tokens' gradient
+    coefficients (in index order), each before the row's scale and 1/T.
     """
     family = BY_MODE[config.mode]
     if family.has_terms:
@@ -202,7 +217,7 @@ def sparse_row_losses(
         loss = torch.where(keep, loss, 0.0)
         stats = torch.where(keep, stats, 0.0)
         head_size = torch.where(keep, head_size, 0)
-    state = torch.cat((lse[:, None], unlisted_factor[:, None], listed_grad), dim=1)
+    state = torch.cat((v.shift[:, None], lse[:, None], unlisted_factor[:, None], listed_grad), dim=1)
 
     grad = None
     if compute_grad:
@@ -234,5 +249,6 @@ def _gradient(passes, student, indices, keep, row_scale, state, config, grad_out
     listed_grad = state[:, STATE_COLUMNS:] * factor[:, None]
     unlisted_factor = state[:, STATE_UNLISTED] * factor
     return passes.gradient(
-        student, indices, keep, config.temperature, state[:, STATE_LSE], listed_grad, unlisted_factor, grad_out
+        student, indices, keep, config.temperature, state[:, STATE_SHIFT], state[:, STATE_LSE], listed_grad,
+        unlisted_factor, grad_out,
     )

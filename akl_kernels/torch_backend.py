@@ -180,45 +180,54 @@ TORCH_BACKEND = RowBackend(
 
 
 def torch_unlisted_logsumexp(student, indices, keep, temperature, dtype):
-    """A sparse teacher's pass over the student (_sparse_rows.StudentPasses): per row, the
-    log-sum-exp of s / T over the support tokens not in `indices` (N, K) (-inf if none) and
-    whether the row holds NaN or +inf. Ignored rows are not read (-inf, False)."""
+    """A sparse teacher's pass over the student (_sparse_rows.StudentPasses): per row, the largest
+    logit m among the support tokens not in `indices` (N, K), the log-sum-exp of (s - m) / T
+    over them (both -inf if there are none) and whether the row holds NaN or +inf. Ignored rows
+    are not read (-inf, -inf, False)."""
     vocab = student.shape[-1]
     n_rows = student.numel() // vocab
+    unlisted_max = torch.full((n_rows,), NEG_INF, dtype=dtype, device=student.device)
     lse = torch.full((n_rows,), NEG_INF, dtype=dtype, device=student.device)
     has_nan_or_inf = torch.zeros(n_rows, dtype=torch.bool, device=student.device)
     for rows, chunk, _, s in _chunks(student, None, keep, dtype):
         listed = indices[rows]
-        # b = s / T with the listed tokens at -inf (so are -inf logits: outside the support).
-        b = _with_padding_column(chunk)
-        torch.div(s, temperature, out=b[:, :vocab])
-        b.scatter_(1, _padding_at_end(listed, vocab), NEG_INF)
-        b = b[:, :vocab]
-        top = b.amax(1, keepdim=True)  # NaN or +inf when an unlisted token is
+        # The logits with the listed tokens at -inf (so are -inf logits: outside the support).
+        wide = _with_padding_column(chunk)
+        wide[:, :vocab].copy_(s)
+        wide.scatter_(1, _padding_at_end(listed, vocab), NEG_INF)
+        x = wide[:, :vocab]
+        top = x.amax(1, keepdim=True)  # NaN or +inf when an unlisted token is
         has_nan_or_inf[rows] = _is_nan_or_inf(s.gather(1, listed.clamp(min=0))).logical_and_(listed >= 0).any(1)
         if not bool((top < INF).all()):  # NaN or +inf among the unlisted tokens: look at the logits themselves
             has_nan_or_inf[rows] |= _is_nan_or_inf(s).any(1)
+        unlisted_max[rows] = top.squeeze(1)
         top = torch.where(top.isfinite(), top, 0.0)
-        lse[rows] = torch.sub(b, top, out=b).exp_().sum(1).log_().add_(top.squeeze(1))
-    return lse, has_nan_or_inf
+        x = torch.sub(x, top, out=x)  # shifted before T divides (docs/semantics.md rule 21)
+        if temperature != 1.0:
+            x.div_(temperature)
+        lse[rows] = x.exp_().sum(1).log_()
+    return unlisted_max, lse, has_nan_or_inf
 
 
 def _is_nan_or_inf(x):
     return x.isnan() | (x == INF)
 
 
-def torch_sparse_gradient(student, indices, keep, temperature, lse, listed_grad, unlisted_factor, grad_out=None):
+def torch_sparse_gradient(student, indices, keep, temperature, shift, lse, listed_grad, unlisted_factor, grad_out=None):
     """A sparse teacher's gradient pass (_sparse_rows.StudentPasses): listed_grad (N, K) at the
-    tokens of `indices`, exp(s / T - lse) * unlisted_factor at the others (0 off the support)."""
+    tokens of `indices`, exp((s - shift) / T - lse) * unlisted_factor at the others (0 off the
+    support)."""
     vocab = student.shape[-1]
     n_rows = student.numel() // vocab
     grad = _gradient_buffer(student, keep, grad_out)
     for rows, chunk, _, s in _chunks(student, None, keep, lse.dtype):
         chunk_grad = _with_padding_column(chunk)
-        torch.div(s, temperature, out=chunk_grad[:, :vocab]).sub_(lse[rows, None]).exp_()
-        chunk_grad[:, :vocab].mul_(unlisted_factor[rows, None])
+        x = torch.sub(s, shift[rows, None], out=chunk_grad[:, :vocab])
+        if temperature != 1.0:
+            x.div_(temperature)
+        x.sub_(lse[rows, None]).exp_().mul_(unlisted_factor[rows, None])
         chunk_grad.scatter_(1, _padding_at_end(indices[rows], vocab), listed_grad[rows])
-        grad.view(n_rows, vocab).index_copy_(0, rows, chunk_grad[:, :vocab].to(grad.dtype))
+        grad.view(n_rows, vocab).index_copy_(0, rows, x.to(grad.dtype))
     return grad
 
 

@@ -129,7 +129,8 @@ def _sparse_gradient_kernel(
     keep_ptr,  # *bool [N] rows that count (read only when HAS_KEEP)
     indices_ptr,  # *int64 [N, K] listed tokens, each row ascending (padding -1 first)
     listed_grad_ptr,  # *compute dtype [N, K] the gradient at each listed token, in that order
-    lse_ptr,  # *compute dtype [N] the row's log-sum-exp of s / T over the support (NaN: invalid row)
+    shift_ptr,  # *compute dtype [N] the row's largest support logit
+    lse_ptr,  # *compute dtype [N] the row's log-sum-exp of (s - shift) / T over the support (NaN: invalid row)
     unlisted_factor_ptr,  # *compute dtype [N] the gradient at an unlisted token is q_j times this
     grad_ptr,  # *student dtype [N, V] contiguous gradient
     inv_t,  # 1 / T
@@ -155,13 +156,14 @@ def _sparse_gradient_kernel(
             listed_grad_row = listed_grad_ptr + row * K
             k = tl.arange(0, K_BLOCK)
             sorted_indices = tl.load(indices_row + k, mask=k < K, other=V + BLOCK)  # past every block
+            shift = tl.load(shift_ptr + row)
             lse = tl.load(lse_ptr + row)
             factor = tl.load(unlisted_factor_ptr + row)
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 s = _load(student_row, cols, V, COMPUTE_DTYPE)
-                # q_j = exp(s_j / T - lse); 0 off the support (s = -inf); NaN for an invalid row.
-                g = tl.where(s > float("-inf"), tl.exp(s * inv_t - lse) * factor, 0.0)
+                # q_j = exp((s_j - shift) / T - lse); 0 off the support (s = -inf); NaN for an invalid row.
+                g = tl.where(s > float("-inf"), tl.exp((s - shift) * inv_t - lse) * factor, 0.0)
                 g = tl.where(lse != lse, float("nan"), g)
                 first, last = _listed_in_block(sorted_indices, start, BLOCK)
                 for j in range(first, last):
@@ -198,21 +200,21 @@ def triton_unlisted_logsumexp(student, indices, keep, temperature, dtype):
             student, row_offsets(student), keep, indices, out, row_max, math.log2(math.e) / temperature,
             n_rows, student.shape[-1], indices.shape[1], **common,
         )
-    # lse = m / T + ln(sum) in natural units.
-    lse = row_max / temperature + out[:, OUT_LOG2_SUM] * math.log(2.0)
-    lse = torch.where(out[:, OUT_LOG2_SUM] == float("-inf"), float("-inf"), lse)
-    return lse, out[:, OUT_BAD] != 0
+    # The log-sum-exp of (s - m) / T in natural units: ln(sum) = log2(sum) ln 2.
+    return row_max, out[:, OUT_LOG2_SUM] * math.log(2.0), out[:, OUT_BAD] != 0
 
 
-def triton_sparse_gradient(student, indices, keep, temperature, lse, listed_grad, unlisted_factor, grad_out=None):
+def triton_sparse_gradient(student, indices, keep, temperature, shift, lse, listed_grad, unlisted_factor,
+                           grad_out=None):
     """_sparse_rows.StudentPasses.gradient through _sparse_gradient_kernel."""
     student = _vocabulary_contiguous(student)
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if grad_out is None else grad_out
     n_rows, programs, common = _plan(student, indices, keep, lse.dtype)
     if n_rows:
         wrap_triton(_sparse_gradient_kernel)[(programs,)](
-            student, row_offsets(student), keep, indices.contiguous(), listed_grad.contiguous(), lse.contiguous(),
-            unlisted_factor.contiguous(), grad, 1.0 / temperature, n_rows, student.shape[-1], indices.shape[1],
+            student, row_offsets(student), keep, indices.contiguous(), listed_grad.contiguous(), shift.contiguous(),
+            lse.contiguous(), unlisted_factor.contiguous(), grad, 1.0 / temperature, n_rows, student.shape[-1],
+            indices.shape[1],
             **common,
         )
     return grad

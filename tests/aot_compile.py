@@ -156,7 +156,7 @@ def compile_sparse_kernels(student, has_keep, capability):
     kernels = [
         (_unlisted_logsumexp_kernel, {**rows, "out_ptr": "*fp32", "max_ptr": "*fp32", "c": "fp32", **sizes}, common,
          num_warps(block)),
-        (_sparse_gradient_kernel, {**rows, "listed_grad_ptr": "*fp32", "lse_ptr": "*fp32", "unlisted_factor_ptr": "*fp32",
+        (_sparse_gradient_kernel, {**rows, "listed_grad_ptr": "*fp32", "shift_ptr": "*fp32", "lse_ptr": "*fp32", "unlisted_factor_ptr": "*fp32",
                                    "grad_ptr": f"*{student}", "inv_t": "fp32", **sizes}, common, num_warps(block)),
     ]
     return _compile_all(kernels, capability)

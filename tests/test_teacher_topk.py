@@ -130,6 +130,36 @@ def test_every_token_listed_equals_the_dense_loss(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_small_temperature_and_large_logits_shift_before_dividing(backend):
+    """Rule 21: the student's logits are shifted by the row's largest before T divides them, so
+    s / T beyond float32's range gives no NaN and no overflow: with every token listed the
+    stored teacher equals the dense loss at T = 1e-3 on logits of +-100, and T = 1e-38 gives no
+    NaN in the loss, the statistics or the gradient."""
+    g = torch.Generator().manual_seed(4)
+    student = torch.randn(3, 33, generator=g) * 100
+    teacher = torch.randn(3, 33, generator=g) * 2
+    temperature = 1e-3
+    indices = torch.arange(33).flip(0).expand(3, 33)
+    logprobs = torch.log_softmax(teacher.double() / temperature, -1).gather(-1, indices).float()
+    dense_s, sparse_s = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    dense = akl_loss(dense_s, teacher, temperature=temperature, reduction="none", backend=backend)
+    sparse = akl_loss(sparse_s, TeacherTopK(logprobs, indices), temperature=temperature, reduction="none",
+                      backend=backend)
+    dense.sum().backward()
+    sparse.sum().backward()
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse_s.grad, dense_s.grad, rtol=1e-5, atol=1e-5)
+
+    student, teacher = _case(n_rows=4, vocab=24, k=4, seed=12, dtype=torch.float32)
+    s = (student * 30).requires_grad_(True)
+    teacher = TeacherTopK(teacher.logprobs.float(), teacher.indices)  # float32 arithmetic: s / T overflows
+    loss, stats = akl_loss(s, teacher, temperature=1e-38, reduction="none", return_stats=True, backend=backend)
+    loss.sum().backward()
+    assert not loss.isnan().any() and not s.grad.isnan().any()
+    assert not any(value.isnan().any() for value in stats)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_missing_mass_that_rounds_to_zero_gets_the_floor(backend):
     student, teacher = _case(n_rows=3, vocab=24, k=23, seed=4)
     # Renormalise the 23 listed log-probabilities over themselves: 1 - sum p rounds to about 0,
