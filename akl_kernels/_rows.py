@@ -18,6 +18,7 @@ reduction; backends only do the per-row work (README "What it computes").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -100,6 +101,59 @@ def times_log_ratio(x, log_x, log_y):
     """x (log x - log y), and 0 where x is 0 (docs/semantics.md rule 21: a term of probability 0
     is 0, whatever its log-ratio)."""
     return torch.where(x > 0, x * (log_x - log_y), 0.0)
+
+
+# The divergences made of terms (divergences.py): mode -> function (p, q, log p, log q, (w_p, w_q))
+# -> (l, h), both (R, V): the term l_j whose row sum is the divergence and h_j = q_j dD/dq_j,
+# from which the backends make the gradient, (h_j - q_j sum h) / T. p, q are 0 and their logs
+# -inf outside the support (and wherever a log-probability is beyond float32's range); every term
+# is 0 there. The torch backend applies them to chunks of rows, _sparse_rows.py to the outcomes
+# of a stored teacher (the listed tokens and the bucket).
+
+
+def _mixture_log(log_p, log_q, mixture):
+    """log M, M = w_p p + w_q q, as the log-sum-exp of the two weighted log-probabilities."""
+    w_p, w_q = mixture
+    return torch.logaddexp(log_p + _log_weight(w_p), log_q + _log_weight(w_q))
+
+
+def _log_weight(weight):
+    return float("-inf") if weight == 0 else math.log(weight)
+
+
+def _ratio(x, log_x, log_m):
+    """x / M, and 0 where x is 0."""
+    return torch.where(x > 0, (log_x - log_m).exp(), 0.0)
+
+
+def _jsd_terms(p, q, log_p, log_q, mixture):
+    # l = w_p p log(p / M) + w_q q log(q / M); dl/dq_j = w_q log(q_j / M_j) (the M terms cancel).
+    w_p, w_q = mixture
+    log_m = _mixture_log(log_p, log_q, mixture)
+    q_part = times_log_ratio(q, log_q, log_m)
+    return times_log_ratio(p, log_p, log_m).mul_(w_p).add_(q_part, alpha=w_q), q_part.mul_(w_q)
+
+
+def _tvd_terms(p, q, log_p, log_q, mixture):
+    # l = |p - q| / 2; dl/dq_j = sign(q_j - p_j) / 2, sign(0) = 0.
+    q_minus_p = q - p
+    return q_minus_p.abs().mul_(0.5), q_minus_p.sign_().mul_(q).mul_(0.5)
+
+
+def _skl_terms(p, q, log_p, log_q, mixture):
+    # l = p log(p / M); dl/dq_j = -w_q p_j / M_j.
+    log_m = _mixture_log(log_p, log_q, mixture)
+    return times_log_ratio(p, log_p, log_m), _ratio(p, log_p, log_m).mul_(q).mul_(-mixture[1])
+
+
+def _srkl_terms(p, q, log_p, log_q, mixture):
+    # l = q log(q / M); dl/dq_j = log(q_j / M_j) + 1 - w_q q_j / M_j (the 1 cancels in the gradient).
+    log_m = _mixture_log(log_p, log_q, mixture)
+    term = times_log_ratio(q, log_q, log_m)
+    return term, term - _ratio(q, log_q, log_m).mul_(q).mul_(mixture[1])
+
+
+TERMS = {LossMode.JSD: _jsd_terms, LossMode.TVD: _tvd_terms, LossMode.SKL: _skl_terms, LossMode.SRKL: _srkl_terms}
 
 
 def loss_weights(kl_weights, head_gap, tail_gap):

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._rows import RowBackend, RowLossConfig, RowLosses, compute_dtype, loss_weights, times_log_ratio
+from ._rows import TERMS, RowBackend, RowLossConfig, RowLosses, compute_dtype, loss_weights, times_log_ratio
 from .divergences import BY_MODE
 
 # The floor of the bucket's teacher mass (rule 33): keeps RKL finite when the stored
@@ -167,8 +167,6 @@ def sparse_row_losses(
     coefficients (in index order), each before the row's scale and 1/T.
     """
     family = BY_MODE[config.mode]
-    if family.has_terms:
-        raise NotImplementedError(f"loss mode {config.mode!r} does not take a sparse teacher")
     vocab = student.shape[-1]
     n_rows = student.numel() // vocab
     dtype = compute_dtype(student.dtype, teacher.logprobs.dtype)
@@ -185,24 +183,26 @@ def sparse_row_losses(
     head_gap = torch.where(head, gap, 0.0).sum(-1)
     tail_gap = torch.where(v.valid & ~head, gap, 0.0).sum(-1) + (v.p_bucket - v.q_bucket).abs()
     head_weight, tail_weight = loss_weights(family.kl_weights, head_gap, tail_gap)
-    loss = head_weight * fkl + tail_weight * rkl
-
-    # Rule 36: the gradient's coefficients with the weights held constant. With P the teacher's
-    # total listed + bucket mass and o(j) the outcome of token j (itself, or the bucket):
-    # d loss / d b_j = w_h q_j (P - p_o / q_o) + w_t q_j (log q_o - log p_o - RKL).
-    total_p = v.p.sum(-1) + v.p_bucket
-    log_ratio = v.log_q - v.log_p - rkl[:, None]
-    listed_grad = head_weight[:, None] * (v.q * total_p[:, None] - v.p) + tail_weight[:, None] * torch.where(
-        v.q > 0, v.q * log_ratio, 0.0
-    )
-    listed_grad = torch.where(v.valid, listed_grad, 0.0)
     bucket_live = v.q_bucket > 0  # a bucket whose student mass underflowed gets no gradient
-    unlisted_factor = torch.where(
-        bucket_live,
-        head_weight * (total_p - v.p_bucket / torch.where(bucket_live, v.q_bucket, 1.0))
-        + tail_weight * (v.log_q_bucket - v.log_p_bucket - rkl),
-        0.0,
-    )
+    if family.has_terms:
+        loss, listed_grad, unlisted_factor = _divergence_terms(v, bucket_live, config)
+    else:
+        loss = head_weight * fkl + tail_weight * rkl
+        # Rule 36: the gradient's coefficients with the weights held constant. With P the teacher's
+        # total listed + bucket mass and o(j) the outcome of token j (itself, or the bucket):
+        # d loss / d b_j = w_h q_j (P - p_o / q_o) + w_t q_j (log q_o - log p_o - RKL).
+        total_p = v.p.sum(-1) + v.p_bucket
+        log_ratio = v.log_q - v.log_p - rkl[:, None]
+        listed_grad = head_weight[:, None] * (v.q * total_p[:, None] - v.p) + tail_weight[:, None] * torch.where(
+            v.q > 0, v.q * log_ratio, 0.0
+        )
+        unlisted_factor = torch.where(
+            bucket_live,
+            head_weight * (total_p - v.p_bucket / torch.where(bucket_live, v.q_bucket, 1.0))
+            + tail_weight * (v.log_q_bucket - v.log_p_bucket - rkl),
+            0.0,
+        )
+    listed_grad = torch.where(v.valid, listed_grad, 0.0)
 
     # Invalid rows: NaN loss, statistics and gradient, head size 0; ignored rows: all 0.
     nan = float("nan")
@@ -224,6 +224,25 @@ def sparse_row_losses(
         grad = _gradient(passes, student, indices, keep, grad_scale.to(dtype).expand(n_rows), state, config, grad_out)
     split_path = torch.zeros(n_rows, dtype=torch.int32, device=student.device)
     return RowLosses(loss, stats, head_size, grad, split_path, state)
+
+
+def _divergence_terms(v: _Listed, bucket_live, config):
+    """A divergence made of terms (JSD, TVD, SKL, SRKL; _rows.TERMS) over the outcomes of a
+    stored teacher, the valid listed tokens and the bucket (rule 32): (loss (N,), the listed
+    tokens' gradient coefficients (N, K), the bucket's factor (N,)). With h_o = q_o dD/dq_o and
+    H = sum_o h_o, d D / d b_j = h_j - q_j H at a listed token and q_j (h_B / q_B - H) at an
+    unlisted one."""
+    def outcomes(listed, bucket_value, missing):  # (N, K + 1): the listed tokens, then the bucket
+        return torch.cat((torch.where(v.valid, listed, missing), torch.where(v.bucket, bucket_value, missing)[:, None]), 1)
+
+    neg_inf = float("-inf")
+    p, q = outcomes(v.p, v.p_bucket, 0.0), outcomes(v.q, v.q_bucket, 0.0)
+    term, h = TERMS[config.mode](p, q, outcomes(v.log_p, v.log_p_bucket, neg_inf),
+                                 outcomes(v.log_q, v.log_q_bucket, neg_inf), config.mixture)
+    h_sum = h.sum(-1)
+    listed_grad = h[:, :-1] - v.q * h_sum[:, None]
+    unlisted_factor = torch.where(bucket_live, h[:, -1] / torch.where(bucket_live, v.q_bucket, 1.0) - h_sum, 0.0)
+    return term.sum(-1), listed_grad, unlisted_factor
 
 
 def sparse_row_gradient(

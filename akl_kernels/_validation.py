@@ -104,15 +104,6 @@ def _is_real(x):
 LOGPROB_MASS_LIMIT = 1.01
 
 
-def check_sparse_teacher_loss(family):
-    """NotImplementedError for a loss that does not yet take a TeacherTopK teacher."""
-    if family.has_terms:
-        raise NotImplementedError(
-            f"loss={family.name!r} does not take a TeacherTopK teacher yet; the sparse teacher works "
-            "with 'akl', 'fkl' and 'rkl' (pass dense teacher logits for the other divergences)"
-        )
-
-
 def check_teacher_topk(teacher, leading_shape, vocab, device, keep):
     """Errors for a TeacherTopK that does not fit student rows of `leading_shape` and V = vocab
     (docs/semantics.md rule 38); keep (N,) bool or None says which rows' mass is checked.

@@ -11,7 +11,7 @@ A row's loss is always ``w_head * FKL + w_tail * RKL + D``:
   ``M = w_p p + w_q q`` whose weights come from their parameter.
 
 Adding a divergence: a :class:`Divergence` row in DIVERGENCES (name, parameter, domain, mixture),
-a LossMode number, its terms l_j and h_j in ``torch_backend.TERMS`` and in
+a LossMode number, its terms l_j and h_j in ``_rows.TERMS`` and in
 ``triton_backend._divergence_terms``, and its definition in ``reference/``. The public API, the
 validation, the dispatch, the hidden-state form, the tests, the benchmarks and the example read
 this table. docs/semantics.md section 2 states each definition.

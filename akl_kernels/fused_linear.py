@@ -48,7 +48,6 @@ from ._validation import (
     check_has_data,
     check_labels,
     check_options,
-    check_sparse_teacher_loss,
     check_teacher_topk,
     check_temperature_range,
 )
@@ -293,7 +292,6 @@ def _fused_linear_loss(
 ):
     sparse = isinstance(teacher_hidden, TeacherTopK)
     if sparse:
-        check_sparse_teacher_loss(family)
         if teacher_weight is not None or teacher_bias is not None:
             raise ValueError(
                 "with a TeacherTopK in place of teacher_hidden, teacher_weight and teacher_bias must be None "

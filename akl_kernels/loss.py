@@ -28,7 +28,6 @@ from ._validation import (
     check_has_data,
     check_labels,
     check_options,
-    check_sparse_teacher_loss,
     check_teacher_topk,
     check_temperature_range,
 )
@@ -215,7 +214,6 @@ def _distillation_loss(
 ):
     sparse = isinstance(teacher, TeacherTopK)
     if sparse:
-        check_sparse_teacher_loss(family)
         _check_student(student, labels)
     else:
         _check_tensors(student, teacher, labels)

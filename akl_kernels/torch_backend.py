@@ -19,9 +19,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._rows import RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype, loss_weights, times_log_ratio
+from ._rows import TERMS, RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype, loss_weights
 from ._sparse_rows import StudentPasses, sparse_backend
-from .divergences import BY_MODE, LossMode
+from .divergences import BY_MODE
 
 NEG_INF = float("-inf")
 INF = float("inf")
@@ -522,57 +522,6 @@ def _log_probabilities(a, b, max_a, max_b, sum_a, sum_b, inv_t, chunk):
     log_p = _shift(a, max_a, inv_t, chunk.log_p).sub_(sum_a.log())
     log_q = _shift(b, max_b, inv_t, chunk.log_q).sub_(sum_b.log())
     return log_p, log_q
-
-
-# The divergences made of terms (divergences.py): mode -> function (p, q, log p, log q, (w_p, w_q))
-# -> (l, h), both (R, V): the term l_j whose row sum is the divergence and h_j = q_j dD/dq_j,
-# from which _terms_gradient makes the gradient. p, q are 0 and their logs -inf outside the
-# support (and wherever a log-probability is beyond float32's range); every term is 0 there.
-
-
-def _mixture_log(log_p, log_q, mixture):
-    """log M, M = w_p p + w_q q, as the log-sum-exp of the two weighted log-probabilities."""
-    w_p, w_q = mixture
-    return torch.logaddexp(log_p + _log(w_p), log_q + _log(w_q))
-
-
-def _log(weight):
-    return NEG_INF if weight == 0 else math.log(weight)
-
-
-def _ratio(x, log_x, log_m):
-    """x / M, and 0 where x is 0."""
-    return torch.where(x > 0, (log_x - log_m).exp(), 0.0)
-
-
-def _jsd_terms(p, q, log_p, log_q, mixture):
-    # l = w_p p log(p / M) + w_q q log(q / M); dl/dq_j = w_q log(q_j / M_j) (the M terms cancel).
-    w_p, w_q = mixture
-    log_m = _mixture_log(log_p, log_q, mixture)
-    q_part = times_log_ratio(q, log_q, log_m)
-    return times_log_ratio(p, log_p, log_m).mul_(w_p).add_(q_part, alpha=w_q), q_part.mul_(w_q)
-
-
-def _tvd_terms(p, q, log_p, log_q, mixture):
-    # l = |p - q| / 2; dl/dq_j = sign(q_j - p_j) / 2, sign(0) = 0.
-    q_minus_p = q - p
-    return q_minus_p.abs().mul_(0.5), q_minus_p.sign_().mul_(q).mul_(0.5)
-
-
-def _skl_terms(p, q, log_p, log_q, mixture):
-    # l = p log(p / M); dl/dq_j = -w_q p_j / M_j.
-    log_m = _mixture_log(log_p, log_q, mixture)
-    return times_log_ratio(p, log_p, log_m), _ratio(p, log_p, log_m).mul_(q).mul_(-mixture[1])
-
-
-def _srkl_terms(p, q, log_p, log_q, mixture):
-    # l = q log(q / M); dl/dq_j = log(q_j / M_j) + 1 - w_q q_j / M_j (the 1 cancels in the gradient).
-    log_m = _mixture_log(log_p, log_q, mixture)
-    term = times_log_ratio(q, log_q, log_m)
-    return term, term - _ratio(q, log_q, log_m).mul_(q).mul_(mixture[1])
-
-
-TERMS = {LossMode.JSD: _jsd_terms, LossMode.TVD: _tvd_terms, LossMode.SKL: _skl_terms, LossMode.SRKL: _srkl_terms}
 
 
 def _terms_of(mode):

@@ -146,12 +146,12 @@ def with_temperature(fn: LossFn, shape) -> LossFn:
 
 def contenders_for(shape) -> list[Contender]:
     """The contenders of a workload: LINEAR_CONTENDERS for hidden-state shapes, CONTENDERS for
-    the main matrix, our KL losses for a stored (top-k) teacher, and the KL losses and their
+    the main matrix, our losses for a stored (top-k) teacher, and the KL losses and their
     peers for the split-price workloads (temperature other than 1, or real rows)."""
     if shape.hidden is not None:
         return LINEAR_CONTENDERS
-    if shape.topk:  # a stored teacher: the KL losses that take one
-        return [c for c in CONTENDERS if c.ours and c.computes in NAMED]
+    if shape.topk:  # a stored teacher: every loss of ours takes one
+        return [c for c in CONTENDERS if c.ours]
     if shape.temperature != 1.0 or shape.source != "lm":
         return [c for c in CONTENDERS if c.role in ("ours", "peer") and c.computes in NAMED]
     return CONTENDERS

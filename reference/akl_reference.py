@@ -161,7 +161,9 @@ def _order_and_running_mass(a, support, p):
     return order, p.gather(-1, order).cumsum(-1)
 
 
-def reference_topk_row_losses(student_logits, logprobs, indices, *, mu=0.5, temperature=1.0, mode="akl"):
+def reference_topk_row_losses(
+    student_logits, logprobs, indices, *, mu=0.5, temperature=1.0, mode="akl", beta=0.5, alpha=0.1
+):
     """docs/semantics.md rules 31-38: per-row loss against a sparse teacher, for 2-D inputs.
 
     Args:
@@ -169,13 +171,14 @@ def reference_topk_row_losses(student_logits, logprobs, indices, *, mu=0.5, temp
         logprobs: (N, K) the teacher's stored log-probabilities (full-vocabulary normalised).
         indices: (N, K) integer vocabulary indices; -1 is padding.
         mu, temperature: as reference_row_losses (T divides the student's logits only).
-        mode: "akl", "fkl" or "rkl".
+        mode, beta, alpha: as reference_row_losses; every divergence is taken over the outcomes
+            of rule 32, the valid listed tokens and the bucket.
 
     Returns:
         (loss, stats) as reference_row_losses.
     """
-    if mode not in KL_MODES:
-        raise ValueError(f"a sparse teacher takes mode 'akl', 'fkl' or 'rkl', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     compute_dtype = torch.float64 if torch.float64 in (student_logits.dtype, logprobs.dtype) else torch.float32
     b = student_logits.to(compute_dtype) / temperature
     n_rows, vocab = b.shape
@@ -228,7 +231,17 @@ def reference_topk_row_losses(student_logits, logprobs, indices, *, mu=0.5, temp
     head_gap = torch.where(head, gap, 0.0).sum(-1)
     tail_gap = torch.where(valid & ~head, gap, 0.0).sum(-1) + (p_bucket - q_bucket.detach()).abs()
     head_weight, tail_weight = _weights(mode, head_gap, tail_gap)
-    loss = torch.where(invalid, float("nan"), head_weight * fkl + tail_weight * rkl)
+    if mode in KL_MODES:
+        loss = head_weight * fkl + tail_weight * rkl
+    else:  # rule 32: the divergence over the outcomes, the valid listed tokens and then the bucket
+        def outcomes(listed_value, bucket_value):
+            return torch.cat((torch.where(valid, listed_value, 0.0), bucket_value[:, None]), -1)
+
+        loss = _other_divergence(
+            mode, outcomes(p, p_bucket), outcomes(q, q_bucket), outcomes(log_p, log_p_bucket),
+            outcomes(log_q, log_q_bucket), beta, alpha,
+        )
+    loss = torch.where(invalid, float("nan"), loss)
 
     return loss, _statistics(invalid, fkl, rkl, head_gap, tail_gap, head_weight, tail_weight, head)
 
@@ -296,7 +309,8 @@ def reference_loss(
 
     if sparse:
         kept_loss, kept_stats = reference_topk_row_losses(
-            student_rows[kept], *(x[kept] for x in teacher_rows), mu=mu, temperature=temperature, mode=mode
+            student_rows[kept], *(x[kept] for x in teacher_rows), mu=mu, temperature=temperature, mode=mode,
+            beta=beta, alpha=alpha,
         )
     else:
         kept_loss, kept_stats = reference_row_losses(

@@ -138,7 +138,8 @@ def test_stored_teacher_against_the_dense_teacher_of_the_same_shape(tmp_path):
     path = tmp_path / "cpu.json"
     results.write(path, environment("cpu"), records, plot=False)
     markdown = path.with_suffix(".md").read_text()
-    assert "| float32 1024 x 32000 | 32 | 200.0 | 400.0 | **0.50x** | 0.50 |" in markdown
+    assert "| float32 1024 x 32000 | akl_loss | 32 | 200.0 | 400.0 | **0.50x** | 0.50 |" in markdown
+    assert "| float32 1024 x 32000 | fkl_loss | 32 | 100.0 | 300.0 | **0.33x** |" in markdown
     # the stored teacher's records are neither the dense workload's nor a split price
     assert "float32 1024 x 32000 stored top-32 | 200.0 | 100.0" not in markdown
     ratios = {(r["contender"], r.get("topk")): r["time_ratio_to_akl_loss"] for r in json.loads(path.read_text())["results"]}

@@ -1,6 +1,6 @@
-"""The sparse (top-k) teacher, docs/semantics.md rules 31-38: both backends against the float64
-reference of reference/akl_reference.py, which is itself anchored on the dense reference when
-every token is listed (rule 37)."""
+"""The sparse (top-k) teacher, docs/semantics.md rules 31-38: every loss of the family on both
+backends against the float64 reference of reference/akl_reference.py, which is itself anchored on
+the dense reference when every token is listed (rule 37)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from akl_kernels import (
+    LOSSES,
     AKLLoss,
     TeacherTopK,
     akl_loss,
@@ -22,6 +23,7 @@ from reference import reference_loss
 
 BACKENDS = ("torch", "triton")
 KL = ("akl", "fkl", "rkl")
+assert KL == LOSSES[:3]  # the KL losses first, then the divergences made of terms
 
 
 def _case(n_rows=6, vocab=40, k=6, *, seed=0, scale=3.0, pad_rows=(), student_inf=(), dtype=torch.float64):
@@ -77,7 +79,7 @@ def test_reference_with_every_token_listed_equals_the_dense_reference():
     temperature = 2.0
     logprobs = torch.log_softmax(teacher / temperature, -1)
     indices = torch.arange(30).expand(5, 30)
-    for mode in KL:
+    for mode in LOSSES:
         for mu in (0.1, 0.5, 1.0):
             sparse, sparse_stats = reference_loss(
                 student, (logprobs, indices), mu=mu, temperature=temperature, mode=mode, reduction="none"
@@ -89,7 +91,7 @@ def test_reference_with_every_token_listed_equals_the_dense_reference():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", KL)
+@pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("mu", [0.1, 0.5, 1.0])
 def test_matches_the_reference(backend, loss, mu):
     student, teacher = _case(seed=2, pad_rows=(1,), student_inf=(2,))
@@ -109,18 +111,17 @@ def test_rows_longer_than_a_block(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_token_listed_equals_the_dense_loss(backend):
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_token_listed_equals_the_dense_loss(backend, loss):
     g = torch.Generator().manual_seed(3)
     student = torch.randn(4, 33, generator=g, dtype=torch.float64)
     teacher = torch.randn(4, 33, generator=g, dtype=torch.float64) * 2
     logprobs = torch.log_softmax(teacher, -1)
     dense_s, sparse_s = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
-    dense, dense_stats = akl_loss(dense_s, teacher, reduction="none", return_stats=True, backend=backend)
+    kwargs = dict(loss=loss, reduction="none", return_stats=True, backend=backend)
+    dense, dense_stats = distillation_loss(dense_s, teacher, **kwargs)
     indices = torch.arange(33).flip(0).expand(4, 33)
-    sparse, sparse_stats = akl_loss(
-        sparse_s, TeacherTopK(logprobs.gather(-1, indices), indices), reduction="none", return_stats=True,
-        backend=backend,
-    )
+    sparse, sparse_stats = distillation_loss(sparse_s, TeacherTopK(logprobs.gather(-1, indices), indices), **kwargs)
     dense.sum().backward()
     sparse.sum().backward()
     torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-12)
@@ -215,7 +216,7 @@ def test_half_precision_students(backend, student_dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", KL)
+@pytest.mark.parametrize("loss", LOSSES)
 def test_gradcheck(backend, loss):
     # AKL's weights are constants for autograd (rule 36): as in test_gradcheck.py, the checked
     # function adds (w(s0) - w(s)) * KL(s), zero at s0, so that finite differences see them frozen.
@@ -279,15 +280,17 @@ def test_teacher_topk_from_hidden_states_matches_the_logits_form():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_hidden_state_loss_matches_the_logits_loss(backend):
+@pytest.mark.parametrize("loss", ["akl", "srkl"])
+def test_hidden_state_loss_matches_the_logits_loss(backend, loss):
     g = torch.Generator().manual_seed(12)
     hidden = torch.randn(7, 6, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(30, 6, generator=g, dtype=torch.float64, requires_grad=True)
     teacher = teacher_topk(torch.randn(7, 30, generator=g, dtype=torch.float64) * 2, 5)
     labels = torch.tensor([0, 1, -100, 2, 3, 4, 5])
-    fused = fused_linear_distillation_loss(hidden, weight, teacher, None, labels=labels, chunk_size=3, backend=backend)
+    fused = fused_linear_distillation_loss(hidden, weight, teacher, None, loss=loss, labels=labels, chunk_size=3,
+                                           backend=backend)
     grads = torch.autograd.grad(fused, (hidden, weight))
-    plain = distillation_loss(hidden @ weight.T, teacher, labels=labels, backend=backend)
+    plain = distillation_loss(hidden @ weight.T, teacher, loss=loss, labels=labels, backend=backend)
     plain_grads = torch.autograd.grad(plain, (hidden, weight))
     torch.testing.assert_close(fused, plain)
     for ours, expected in zip(grads, plain_grads):
@@ -318,8 +321,6 @@ def test_bad_inputs_get_clear_errors():
         akl_loss(student, TeacherTopK(torch.full((3, 11), -5.0), torch.arange(11).expand(3, 11)))
     with pytest.raises(TypeError, match="must hold float16, bfloat16, float32 or float64"):
         akl_loss(student, TeacherTopK(wide.long(), idx))
-    with pytest.raises(NotImplementedError, match="does not take a TeacherTopK"):
-        distillation_loss(student, teacher, loss="jsd")
     # The mass check looks at kept rows only.
     labels = torch.tensor([-100, 0, 1])
     shifted = TeacherTopK(torch.cat((lp[:1] + 3.0, lp[1:])), idx)
