@@ -878,7 +878,7 @@ def main(argv=None):
         save_trained_tokenizer(train_records, preset.vocab_size, tokenizer_source)
     ranks.barrier()
     with phases("tokenizer and encoding"):
-        tokenizer = load_tokenizer(tokenizer_source, teacher_gguf if args.teacher else None)
+        tokenizer = load_tokenizer(tokenizer_source, teacher_gguf)
         args.pad_id = tokenizer.pad_token_id
         train_examples, val_examples = encode(train_records, tokenizer, preset), encode(val_records, tokenizer, preset)
     max_positions = preset.max_prompt_tokens + preset.max_response_tokens + preset.new_tokens

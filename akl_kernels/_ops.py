@@ -143,11 +143,11 @@ def _register_row_autograd(row_backend: RowBackend):
 
     def backward(ctx, grad_loss, _stats, _head_size, _grad, _state):
         refuse_double_backward()
-        no_grads = [None] * len(ctx.saved_tensors[4:])
+        student, keep, grad_scale, state, *teacher = ctx.saved_tensors
+        no_grads = [None] * len(teacher)
         if grad_loss is None:  # undefined: a zero gradient
             return None, no_grads, None, None, *[None] * 7, None, None
         grad, ctx.grad = ctx.grad, None
-        student, keep, grad_scale, state, *teacher = ctx.saved_tensors
         n_rows = student.numel() // student.shape[-1]
         if grad is not None:
             grad = scale_forward_gradient(grad, grad_loss, keep)

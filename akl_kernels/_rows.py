@@ -167,6 +167,11 @@ def loss_weights(kl_weights, head_gap, tail_gap):
     return torch.where(tied, 0.5, head_gap / total_gap), torch.where(tied, 0.5, tail_gap / total_gap)
 
 
+def is_nan_or_inf(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise: x is NaN or +inf (what makes a row invalid, docs/semantics.md rule 20)."""
+    return x.isnan() | (x == float("inf"))
+
+
 def is_traced(x: torch.Tensor) -> bool:
     """Whether x is one of torch.compile's (or opcheck's) fake or functional tensors, which hold no
     values and have no data pointer: code that reads values or pointers must take another way."""

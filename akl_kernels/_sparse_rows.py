@@ -33,7 +33,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._rows import TERMS, RowBackend, RowLossConfig, RowLosses, compute_dtype, loss_weights, times_log_ratio
+from ._rows import (
+    TERMS, RowBackend, RowLossConfig, RowLosses, compute_dtype, is_nan_or_inf, loss_weights, times_log_ratio,
+)
 from .divergences import BY_MODE
 
 # The floor of the bucket's teacher mass (rule 33): keeps RKL finite when the stored
@@ -99,7 +101,7 @@ def _listed_values(passes, student, indices, logprobs, keep, temperature, dtype)
     listed = indices >= 0
     valid = listed & (listed_s > float("-inf")) & (log_p > float("-inf"))
     unlisted_max, unlisted_lse, has_nan_or_inf = passes.unlisted_logsumexp(student, indices, keep, temperature, dtype)
-    bad_logprobs = (listed & (log_p.isnan() | (log_p == float("inf")))).any(-1)
+    bad_logprobs = (listed & is_nan_or_inf(log_p)).any(-1)
 
     # The row's shift: its largest support logit, over the unlisted tokens (from the pass) and
     # the listed ones; x = (s - shift) / T <= 0 cannot overflow.

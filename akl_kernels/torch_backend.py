@@ -19,7 +19,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._rows import TERMS, RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype, loss_weights
+from ._rows import (
+    TERMS, RowBackend, RowLossConfig, RowLosses, STATS_FIELDS, compute_dtype, is_nan_or_inf, loss_weights,
+)
 from ._sparse_rows import StudentPasses, sparse_backend
 from .divergences import BY_MODE
 
@@ -197,9 +199,9 @@ def torch_unlisted_logsumexp(student, indices, keep, temperature, dtype):
         wide.scatter_(1, _padding_at_end(listed, vocab), NEG_INF)
         x = wide[:, :vocab]
         top = x.amax(1, keepdim=True)  # NaN or +inf when an unlisted token is
-        has_nan_or_inf[rows] = _is_nan_or_inf(s.gather(1, listed.clamp(min=0))).logical_and_(listed >= 0).any(1)
+        has_nan_or_inf[rows] = is_nan_or_inf(s.gather(1, listed.clamp(min=0))).logical_and_(listed >= 0).any(1)
         if not bool((top < INF).all()):  # NaN or +inf among the unlisted tokens: look at the logits themselves
-            has_nan_or_inf[rows] |= _is_nan_or_inf(s).any(1)
+            has_nan_or_inf[rows] |= is_nan_or_inf(s).any(1)
         unlisted_max[rows] = top.squeeze(1)
         top = torch.where(top.isfinite(), top, 0.0)
         x = torch.sub(x, top, out=x)  # shifted before T divides (docs/semantics.md rule 21)
@@ -207,10 +209,6 @@ def torch_unlisted_logsumexp(student, indices, keep, temperature, dtype):
             x.div_(temperature)
         lse[rows] = x.exp_().sum(1).log_()
     return unlisted_max, lse, has_nan_or_inf
-
-
-def _is_nan_or_inf(x):
-    return x.isnan() | (x == INF)
 
 
 def torch_sparse_gradient(student, indices, keep, temperature, shift, lse, listed_grad, unlisted_factor, grad_out=None):

@@ -6,7 +6,7 @@ write), with nothing vocabulary-sized made for the teacher:
 
   _unlisted_logsumexp_kernel  online maximum and sum of exp2 over the student's support tokens
            that are not listed, and NaN/+inf detection;
-  _sparse_gradient_kernel  the gradient: exp(b_j - lse) times the row's bucket factor at
+  _sparse_gradient_kernel  the gradient: exp((s_j - shift) / T - lse) times the row's bucket factor at
            unlisted tokens, the listed tokens' own values at theirs, rounded once.
 
 Each row's listed indices arrive sorted ascending, so the listed tokens of a block

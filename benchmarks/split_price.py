@@ -30,10 +30,9 @@ def default_shapes() -> list[Shape]:
         Shape(n, v, torch.float32, t, source) for source, n, v, t in CPU_SPLIT_SHAPES]
 
 
-def alternating_medians(shape: Shape, rounds: int, device: torch.device) -> dict[str, float]:
-    """Median forward+backward seconds of akl_loss and fkl_loss, alternating within each round
-    after one warm-up call each."""
-    inputs = make_inputs(shape, device)
+def alternating_medians(shape: Shape, inputs: tuple, rounds: int, device: torch.device) -> dict[str, float]:
+    """Median forward+backward seconds of akl_loss and fkl_loss on the workload's (student,
+    teacher) inputs, alternating within each round after one warm-up call each."""
     losses = {"akl_loss": with_temperature(akl_loss, shape), "fkl_loss": with_temperature(fkl_loss, shape)}
     times = {name: [] for name in losses}
     for round_ in range(rounds + 1):
@@ -57,12 +56,12 @@ def main() -> None:
     print("|---|---:|---:|---:|---|")
     for shape in shapes:
         try:
-            medians = alternating_medians(shape, args.rounds, device)
+            inputs = make_inputs(shape, device)
         except FileNotFoundError as missing:  # real rows without the shared folder, SmolLM2 without the extra
             print(f"| {shape.label} | skipped: {missing} | | | |")
             continue
-        student, teacher = make_inputs(shape, device)
-        paths = split_path_shares(student, teacher, shape.temperature, device)
+        medians = alternating_medians(shape, inputs, args.rounds, device)
+        paths = split_path_shares(*inputs, shape.temperature, device)
         shares = ", ".join(f"{name} {share:.0%}" for name, share in paths.items())
         akl, fkl = medians["akl_loss"] * 1e3, medians["fkl_loss"] * 1e3
         print(f"| {shape.label} | {akl:.1f} | {fkl:.1f} | {akl / fkl:.2f}x | {shares} |", flush=True)
