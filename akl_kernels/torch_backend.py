@@ -30,8 +30,9 @@ INF = float("inf")
 
 # How the split was found, per row (RowLosses.split_path).
 # "listed": the head (small) was listed token by token; "buckets": the head's buckets were summed
-# by a scatter and only the crossing bucket listed.
-SPLIT_PATH_CODES = {"none": 0, "all head": 1, "listed": 2, "buckets": 3}
+# by a scatter and only the crossing bucket listed; "head blocks": the head (small) was listed
+# from the few blocks of the rows that can hold it (_tokens_near_head).
+SPLIT_PATH_CODES = {"none": 0, "all head": 1, "listed": 2, "buckets": 3, "head blocks": 4}
 SPLIT_PATHS = {code: name for name, code in SPLIT_PATH_CODES.items()}
 
 
@@ -51,6 +52,17 @@ SPLIT_BUCKETS = 64 * BUCKETS_PER_UNIT
 # the crossing bucket is at most V / LISTED_SHARE a row: a listed token costs about as much as
 # a hundred scattered ones.
 LISTED_SHARE = 128
+
+# The head-blocks path (_tokens_near_head): blocks of KEY_BLOCK tokens, taken when the blocks
+# that can hold a head are at most KEY_BLOCK_SHARE of a chunk's, for chunks of at least
+# HEAD_BLOCKS_MIN_ELEMENTS (in smaller ones its ~30 small ops cost more than the passes they
+# save; measured alternately at 256 x 32000 and 1024 x 32000). The blocks it keeps hold mu
+# plus NEAR_MARGIN of a row's mass by the floors of their buckets: far more than the float32
+# sums' rounding.
+KEY_BLOCK = 32
+KEY_BLOCK_SHARE = 0.25
+HEAD_BLOCKS_MIN_ELEMENTS = 1 << 19
+NEAR_MARGIN = 1e-3
 
 # Largest rows per chunk times vocabulary size: 4 MiB per float32 buffer.
 CHUNK_ELEMENTS = 1 << 20
@@ -290,6 +302,7 @@ class _Workspace:
     def __init__(self, rows, vocab, dtype, device):
         self.shape, self.dtype, self.device = (rows, vocab), dtype, device
         self.buffers = {}
+        self.head_blocks_tries = [0, 0]  # taken, in vain
 
     def rows(self, count):
         """The buffers cut to their first `count` rows."""
@@ -302,6 +315,16 @@ class _Workspace:
             k = torch.arange(1, SPLIT_BUCKETS + 1, dtype=self.dtype, device=self.device)
             self.buffers["inverse_bucket_floor"] = torch.exp(k / BUCKETS_PER_UNIT)
         return self.buffers["inverse_bucket_floor"][:count]
+
+    def head_blocks_pay(self):
+        """Whether to try the head-blocks path: while it has been taken at least as often as
+        it was tried in vain in this call (a flat teacher pays for one try, not one a chunk)."""
+        taken, in_vain = self.head_blocks_tries
+        return taken >= in_vain
+
+    def head_blocks_tried(self, taken):
+        """Count a try of the head-blocks path."""
+        self.head_blocks_tries[0 if taken else 1] += 1
 
     def mask(self, count):
         """A bool buffer for `count` rows: (the buffer padded with False to whole 8-byte words,
@@ -572,12 +595,13 @@ def _student_gradient(d, q, q_minus_p, rkl, weights, inv_t, careful):
 class _Split(NamedTuple):
     """How the rows of a chunk split into head and tail, as _find_split found it from the teacher.
 
-    keys: (R, V) int64 bucket of every token, or None when the whole support is head (mu = 1;
-        then support_size (R,) counts it).
+    keys: (R, V) int64 bucket of every token, or None when the whole support is head or the
+        head blocks were listed.
     bucket: (R,) the bucket that crosses mu: every bucket before it is head, every one after
         it tail.
     head_positions: flat positions (row * V + column) of head tokens: those of the crossing
         buckets, or, when listed_whole_head, every head token.
+    support_size: (R,) the support's size when it is all head (mu = 1), else None.
     path: the split_path code of the chunk's rows.
     """
 
@@ -608,24 +632,23 @@ def _find_split(a, max_a, min_a, log_z_a, p, invalid, config, chunk) -> _Split:
         return _Split(None, None, None, False, support_size, SPLIT_PATH_CODES["all head"])
     n_rows, vocab = a.shape
     workspace = chunk.workspace
-    # max k - a k with k = S / T: one pass, and rounding keeps the order (exact products at
-    # T = 1, S being a power of two); (max - a) k where max k would overflow. The scratch buffer
-    # is free here (the gaps take it afterwards).
-    k = BUCKETS_PER_UNIT / config.temperature
-    if bool((max_a.abs() * k < 1e38).all()):
-        key = torch.add(max_a * k, a, alpha=-k, out=chunk.shifted_b)
-    else:  # k itself may overflow at small T: the 1 / T first
-        key = torch.sub(max_a, a, out=chunk.shifted_b).mul_(1.0 / config.temperature).mul_(BUCKETS_PER_UNIT)
-    if not bool(((max_a - min_a) * k < SPLIT_BUCKETS - 1).all()):  # -inf, NaN or a wide row
-        key.clamp_(max=SPLIT_BUCKETS - 1)
-        key[invalid] = SPLIT_BUCKETS - 1  # NaN keys: any bucket will do for rows that give NaN
-    keys = workspace.buffer("keys", torch.int64)[:n_rows].copy_(key)  # truncation = floor here
-    mass = torch.zeros(n_rows, SPLIT_BUCKETS, dtype=p.dtype, device=p.device).scatter_add_(1, keys, p)
-
     # The crossing token has p >= (1 - mu) / V (the tail, at least 1 - mu, has fewer than V
     # tokens, none above it), so it lies within ln(V / (1 - mu)) of the max: only the buckets up
     # to there need a running sum, unless rounding left a row's mass there within mu.
     searched = min(SPLIT_BUCKETS, int(BUCKETS_PER_UNIT * math.log(vocab / (1.0 - mu))) + 2)
+    near = keys = None
+    if vocab >= KEY_BLOCK and n_rows * vocab >= HEAD_BLOCKS_MIN_ELEMENTS and workspace.head_blocks_pay():
+        near = _tokens_near_head(a, p, max_a, min_a, invalid, log_z_a, config, searched)
+        workspace.head_blocks_tried(near is not None)
+    if near is not None:  # the head's blocks only (one more bucket takes the columns in no window)
+        flat_keys = near.keys.long().add_((near.rows * SPLIT_BUCKETS)[:, None])
+        mass = p.new_zeros(n_rows * SPLIT_BUCKETS + 1).scatter_add_(0, flat_keys.view(-1), near.p.view(-1))
+        mass = mass[:-1].view(n_rows, SPLIT_BUCKETS)
+    else:  # every token (the scratch buffer is free here: the gaps take it afterwards)
+        key = _bucket_keys(a, max_a, min_a, invalid, config.temperature, out=chunk.shifted_b)
+        keys = workspace.buffer("keys", torch.int64)[:n_rows].copy_(key)  # truncation = floor here
+        mass = torch.zeros(n_rows, SPLIT_BUCKETS, dtype=p.dtype, device=p.device).scatter_add_(1, keys, p)
+
     # (Rows that give NaN get bucket 0, and no token is listed for them.)
     running = mass[:, :searched].cumsum(1)
     bucket = (running <= mu).sum(1).masked_fill_(invalid, 0)  # the first bucket whose running mass exceeds mu
@@ -642,15 +665,23 @@ def _find_split(a, max_a, min_a, log_z_a, p, invalid, config, chunk) -> _Split:
     # Small heads (T = 1 mostly) are listed whole; larger ones by their crossing bucket only, the
     # buckets before it summed by _head_gaps. Bucket k's tokens have p >= e^-((k + 1) / S) / Z,
     # which bounds how many tokens the head and the crossing bucket hold.
-    reach = (mass[:, :searched] * workspace.inverse_bucket_floor(searched)).cumsum_(1).gather(1, bucket[:, None])
-    listed_whole_head = float((reach.squeeze(1) * log_z_a.squeeze(1).exp()).nansum()) <= n_rows * vocab / LISTED_SHARE
-    padded, mask = workspace.mask(n_rows)
-    (torch.le if listed_whole_head else torch.eq)(keys, bucket.masked_fill(invalid, -1)[:, None], out=mask)
-    positions = _true_positions(padded)
-    rows = positions // vocab
+    listed_bucket = bucket.masked_fill(invalid, -1)
+    if near is not None:
+        listed_whole_head = True
+        taken = _true_positions(torch.le(near.keys, listed_bucket.to(torch.int32)[near.rows, None]).view(-1))
+        window, column = taken // KEY_BLOCK, taken % KEY_BLOCK
+        positions, rows, token_keys = near.starts[window] + column, near.rows[window], near.keys.view(-1)[taken]
+    else:
+        reach = (mass[:, :searched] * workspace.inverse_bucket_floor(searched)).cumsum_(1).gather(1, bucket[:, None])
+        listed_whole_head = float((reach.squeeze(1) * log_z_a.squeeze(1).exp()).nansum()) <= n_rows * vocab / LISTED_SHARE
+        padded, mask = workspace.mask(n_rows)
+        (torch.le if listed_whole_head else torch.eq)(keys, listed_bucket[:, None], out=mask)
+        positions = _true_positions(padded)
+        rows = positions // vocab
+        token_keys = keys.view(-1)[positions] if listed_whole_head else None
     crossing = positions
     if listed_whole_head:
-        in_bucket = keys.view(-1)[positions] == bucket[rows]
+        in_bucket = token_keys == bucket[rows]
         crossing, rows, definite = positions[in_bucket], rows[in_bucket], positions[~in_bucket]
 
     # The crossing buckets' tokens in the teacher's order within each row: value descending,
@@ -672,8 +703,80 @@ def _find_split(a, max_a, min_a, log_z_a, p, invalid, config, chunk) -> _Split:
     head = crossing[in_head]
     if listed_whole_head:
         head = torch.cat((definite, head))
-    path = SPLIT_PATH_CODES["listed" if listed_whole_head else "buckets"]
+    path = SPLIT_PATH_CODES["head blocks" if near is not None else "listed" if listed_whole_head else "buckets"]
     return _Split(keys, bucket, head, listed_whole_head, None, path)
+
+
+def _bucket_keys(values, max_a, min_a, invalid, temperature, out=None):
+    """Float keys (max - value) / T * BUCKETS_PER_UNIT, capped at the last bucket (their floors,
+    taken when they become integers, are the buckets), for teacher logits `values` (R, W) of
+    rows whose largest and smallest logits are max_a and min_a (R, 1); the rows of invalid (R,)
+    get the last bucket. Written into out when given."""
+    # max k - a k with k = S / T: one pass, and rounding keeps the order (exact products at
+    # T = 1, S being a power of two); (max - a) k where max k would overflow.
+    k = BUCKETS_PER_UNIT / temperature
+    if bool((max_a.abs() * k < 1e38).all()):
+        key = torch.add(max_a * k, values, alpha=-k, out=out)
+    else:  # k itself may overflow at small T: the 1 / T first
+        key = torch.sub(max_a, values, out=out).mul_(1.0 / temperature).mul_(BUCKETS_PER_UNIT)
+    if not bool(((max_a - min_a) * k < SPLIT_BUCKETS - 1).all()):  # -inf, NaN or a wide row
+        key.clamp_(max=SPLIT_BUCKETS - 1)
+        key[invalid] = SPLIT_BUCKETS - 1  # NaN keys: any bucket will do for rows that give NaN
+    return key
+
+
+class _NearHead(NamedTuple):
+    """The windows of KEY_BLOCK tokens of a chunk that hold its rows' heads and crossing
+    tokens: starts (C,) the flat position (row * V + column) of each window's first token, rows
+    (C,), keys (C, KEY_BLOCK) int32 and p (C, KEY_BLOCK). Windows come in position order within
+    a row; a column that another window holds has key SPLIT_BUCKETS (past the last bucket) and
+    p 0 in this one."""
+
+    starts: torch.Tensor
+    rows: torch.Tensor
+    keys: torch.Tensor
+    p: torch.Tensor
+
+
+def _tokens_near_head(a, p, max_a, min_a, invalid, log_z_a, config, searched):
+    """_NearHead for the chunk when the blocks of KEY_BLOCK tokens that can hold a head or
+    crossing token are at most KEY_BLOCK_SHARE of its blocks, else None.
+
+    a, p: (R, V) teacher logits and probabilities, V >= KEY_BLOCK; max_a, min_a, log_z_a:
+    (R, 1) and invalid (R,) as for _find_split; searched: how many buckets a running mass may
+    need. A block's smallest key k (that of its largest logit) means a token of
+    p >= e^-((k + 2) / S) / Z: the floor of bucket k, and one bucket more for rounding. When the
+    blocks whose smallest key is at most beta hold more than mu + NEAR_MARGIN by these bounds,
+    every token of a bucket after beta is tail (the running mass passed mu before it), and so
+    is every token of a block whose smallest key is after beta + 1 (one bucket for rounding). A
+    row with no such beta keeps all its blocks. The columns after the last whole block (V not a
+    multiple of KEY_BLOCK) are always kept, as a window that ends the row.
+    """
+    n_rows, vocab = a.shape
+    blocks = vocab // KEY_BLOCK
+    block_max = a[:, : blocks * KEY_BLOCK].unflatten(1, (blocks, KEY_BLOCK)).amax(2)
+    block_keys = _bucket_keys(block_max, max_a, min_a, invalid, config.temperature).long()
+    floors = torch.zeros(n_rows, SPLIT_BUCKETS, dtype=p.dtype, device=p.device)
+    floors.scatter_add_(1, block_keys, block_keys.add(2).to(p.dtype).div_(-BUCKETS_PER_UNIT).exp_())
+    beta = (floors[:, :searched].cumsum_(1) <= (config.mu + NEAR_MARGIN) * log_z_a.exp()).sum(1, keepdim=True)
+    beta[beta == searched] = SPLIT_BUCKETS  # no bound within the buckets searched: every block
+    near_blocks = (block_keys <= beta + 1).view(-1).nonzero().squeeze(1)  # row * blocks + block
+    if near_blocks.numel() > n_rows * blocks * KEY_BLOCK_SHARE:
+        return None
+    rows, block = near_blocks // blocks, near_blocks % blocks
+    starts = rows * vocab + block * KEY_BLOCK
+    window_a = a[:, : blocks * KEY_BLOCK].unflatten(1, (blocks, KEY_BLOCK))[rows, block]
+    window_p = p[:, : blocks * KEY_BLOCK].unflatten(1, (blocks, KEY_BLOCK))[rows, block]
+    rest = vocab - blocks * KEY_BLOCK
+    if rest:  # each row's last KEY_BLOCK columns, of which the first KEY_BLOCK - rest are another window's
+        every_row = torch.arange(n_rows, device=p.device)
+        rows, starts = torch.cat((rows, every_row)), torch.cat((starts, (every_row + 1) * vocab - KEY_BLOCK))
+        window_a, window_p = torch.cat((window_a, a[:, -KEY_BLOCK:])), torch.cat((window_p, p[:, -KEY_BLOCK:]))
+    window_keys = _bucket_keys(window_a, max_a[rows], min_a[rows], invalid[rows], config.temperature).to(torch.int32)
+    if rest:
+        window_keys[-n_rows:, : KEY_BLOCK - rest] = SPLIT_BUCKETS
+        window_p[-n_rows:, : KEY_BLOCK - rest] = 0.0
+    return _NearHead(starts, rows, window_keys, window_p)
 
 
 def _true_positions(padded):
@@ -702,7 +805,7 @@ def _head_gaps(split, gap, count_head):
     (R,), from the split and gap = |p - q| (R, V). The head size is counted only when count_head (it is a statistic
     only) or when it comes for free; otherwise it is 0."""
     n_rows, vocab = gap.shape
-    if split.keys is None:  # the whole support is head
+    if split.support_size is not None:  # the whole support is head
         return gap.sum(1), gap.new_zeros(n_rows), split.support_size
     head_rows = split.head_positions // vocab
     head_gap = gap.new_zeros(n_rows).index_add_(0, head_rows, gap.view(-1)[split.head_positions])

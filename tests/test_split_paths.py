@@ -140,19 +140,39 @@ def test_many_rows_mixing_paths(backend):
     assert_matches_reference("akl", student, teacher, backend)
 
 
-def torch_split_paths(student, teacher, *, stats=True):
+def torch_split_paths(student, teacher, *, stats=True, mu=0.5, temperature=1.0):
     from akl_kernels.torch_backend import SPLIT_PATHS as TORCH_PATHS, torch_row_losses
 
-    config = RowLossConfig(mode=LossMode.AKL, mu=0.5, temperature=1.0, split=True, stats=stats)
+    config = RowLossConfig(mode=LossMode.AKL, mu=mu, temperature=temperature, split=True, stats=stats)
     rows = torch_row_losses(student, teacher, None, torch.ones(()), config, compute_grad=True)
     return [TORCH_PATHS[code] for code in rows.split_path.tolist()], rows
 
 
-@pytest.mark.parametrize("scale, path", [(4.0, "listed"), (0.5, "buckets")])
-def test_torch_backend_lists_small_heads_and_sums_large_ones_by_bucket(scale, path):
-    # Peaked teachers (heads of a few tokens) are listed token by token; flat ones (heads of
-    # ~1500) have their head's buckets summed by a scatter. Both against the reference, with and
-    # without statistics (the head size is only counted for statistics on the bucket path).
+@pytest.fixture
+def head_blocks_at_any_size(monkeypatch):
+    """The torch backend's head-blocks path for chunks of any size (by default only for chunks
+    of 2^19 elements and more, too large for these tests)."""
+    from akl_kernels import torch_backend
+
+    monkeypatch.setattr(torch_backend, "HEAD_BLOCKS_MIN_ELEMENTS", 0)
+
+
+def without_head_blocks(monkeypatch):
+    """Turn the torch backend's head-blocks path off: small heads are then listed from the whole chunk."""
+    from akl_kernels import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_tokens_near_head", lambda *args: None)
+
+
+@pytest.mark.parametrize("scale, path", [(4.0, "head blocks"), (4.0, "listed"), (0.5, "buckets")])
+def test_torch_backend_split_paths(scale, path, monkeypatch, head_blocks_at_any_size):
+    # Peaked teachers (heads of a few tokens) are found in the few blocks of 32 tokens that can
+    # hold them (V = 5000: the last 8 columns in a window of their own); with that path off,
+    # they are listed token by token from the whole chunk; flat ones (heads of ~1500) have their
+    # head's buckets summed by a scatter. Each against the reference, with and without
+    # statistics (the head size is only counted for statistics on the bucket path).
+    if path == "listed":
+        without_head_blocks(monkeypatch)
     student, teacher = logits(4, VOCAB), logits(4, VOCAB, scale=scale)
     paths, with_stats = torch_split_paths(student, teacher)
     assert paths == [path] * 4
@@ -162,5 +182,35 @@ def test_torch_backend_lists_small_heads_and_sums_large_ones_by_bucket(scale, pa
     assert torch.equal(with_stats.grad, without_stats.grad)
     assert torch.equal(with_stats.stats, without_stats.stats)
     # Without statistics the bucket path leaves the head size uncounted (0).
-    expected_size = with_stats.head_size if path == "listed" else torch.zeros_like(with_stats.head_size)
+    expected_size = torch.zeros_like(with_stats.head_size) if path == "buckets" else with_stats.head_size
     assert torch.equal(without_stats.head_size, expected_size)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("mu", [0.1, 0.5, 0.8])
+def test_head_blocks_give_the_whole_chunks_head(mu, temperature, monkeypatch, head_blocks_at_any_size):
+    # The head-blocks path reads only the blocks that its mass bound keeps: its heads must be the
+    # ones found from the whole chunk, token for token (head sizes equal), on rows with many ties
+    # (bfloat16 values), heads near a block's edge and peaked and flatter rows in one chunk (the
+    # logits scaled with T, so that most rows keep small heads).
+    generator = torch.Generator().manual_seed(7)
+    scales = torch.tensor([2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0]).repeat(2)[:, None]
+    teacher = (torch.randn(16, VOCAB, generator=generator, dtype=torch.float64) * scales * temperature).bfloat16().float()
+    teacher[8:, 31] = teacher[8:].amax(1) + 1.0  # the top token at the end of a block
+    student = torch.randn(16, VOCAB, generator=generator)
+    paths, blocks = torch_split_paths(student, teacher, mu=mu, temperature=temperature)
+    assert "head blocks" in paths
+    without_head_blocks(monkeypatch)
+    _, whole = torch_split_paths(student, teacher, mu=mu, temperature=temperature)
+    assert torch.equal(blocks.head_size, whole.head_size)
+    torch.testing.assert_close(blocks.stats, whole.stats, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(blocks.grad, whole.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_head_blocks_at_their_default_size():
+    # Chunks of 8 rows of 2^17 (2^20 elements, above HEAD_BLOCKS_MIN_ELEMENTS): peaked rows take
+    # the head-blocks path unforced, against the reference.
+    student, teacher = logits(16, 1 << 17), logits(16, 1 << 17, scale=4.0)
+    paths, _ = torch_split_paths(student, teacher)
+    assert paths == ["head blocks"] * 16
+    assert_matches_reference("akl", student, teacher, "torch")
