@@ -326,6 +326,16 @@ class _Workspace:
         """Count a try of the head-blocks path."""
         self.head_blocks_tries[0 if taken else 1] += 1
 
+    def keys_then_mask(self, count):
+        """(keys, mask), each (count, V): the int64 bucket keys' buffer, and a view of the same
+        memory in the compute dtype for a 0/1 mask once the keys are spent (a comparison
+        written as floats is about 6x faster than one written as bools, and a float mask turns
+        into bools or into a masked sum in one cheap pass)."""
+        rows, vocab = self.shape
+        keys = self.buffer("keys", torch.int64)
+        mask = keys.view(-1).view(self.dtype)[: count * vocab].view(count, vocab)
+        return keys[:count], mask
+
     def mask(self, count):
         """A bool buffer for `count` rows: (the buffer padded with False to whole 8-byte words,
         its (count, V) start)."""
@@ -595,18 +605,16 @@ def _student_gradient(d, q, q_minus_p, rkl, weights, inv_t, careful):
 class _Split(NamedTuple):
     """How the rows of a chunk split into head and tail, as _find_split found it from the teacher.
 
-    keys: (R, V) int64 bucket of every token, or None when the whole support is head or the
-        head blocks were listed.
-    bucket: (R,) the bucket that crosses mu: every bucket before it is head, every one after
-        it tail.
+    before_crossing: (R, V) 1 for the tokens of the buckets before each row's crossing bucket
+        (all head), 0 elsewhere, in the compute dtype (a workspace buffer, free to overwrite);
+        None when the head was listed whole or the whole support is head.
     head_positions: flat positions (row * V + column) of head tokens: those of the crossing
         buckets, or, when listed_whole_head, every head token.
     support_size: (R,) the support's size when it is all head (mu = 1), else None.
     path: the split_path code of the chunk's rows.
     """
 
-    keys: Optional[torch.Tensor]
-    bucket: Optional[torch.Tensor]
+    before_crossing: Optional[torch.Tensor]
     head_positions: Optional[torch.Tensor]
     listed_whole_head: bool
     support_size: Optional[torch.Tensor]
@@ -629,7 +637,7 @@ def _find_split(a, max_a, min_a, log_z_a, p, invalid, config, chunk) -> _Split:
     mu = config.mu
     if mu >= 1.0:  # no running sum can move a token to the tail
         support_size = torch.count_nonzero(a > NEG_INF, dim=1)
-        return _Split(None, None, None, False, support_size, SPLIT_PATH_CODES["all head"])
+        return _Split(None, None, False, support_size, SPLIT_PATH_CODES["all head"])
     n_rows, vocab = a.shape
     workspace = chunk.workspace
     # The crossing token has p >= (1 - mu) / V (the tail, at least 1 - mu, has fewer than V
@@ -646,7 +654,8 @@ def _find_split(a, max_a, min_a, log_z_a, p, invalid, config, chunk) -> _Split:
         mass = mass[:-1].view(n_rows, SPLIT_BUCKETS)
     else:  # every token (the scratch buffer is free here: the gaps take it afterwards)
         key = _bucket_keys(a, max_a, min_a, invalid, config.temperature, out=chunk.shifted_b)
-        keys = workspace.buffer("keys", torch.int64)[:n_rows].copy_(key)  # truncation = floor here
+        keys, key_mask = workspace.keys_then_mask(n_rows)
+        keys.copy_(key)  # truncation = floor here; the float keys stay for the comparisons below
         mass = torch.zeros(n_rows, SPLIT_BUCKETS, dtype=p.dtype, device=p.device).scatter_add_(1, keys, p)
 
     # (Rows that give NaN get bucket 0, and no token is listed for them.)
@@ -666,22 +675,34 @@ def _find_split(a, max_a, min_a, log_z_a, p, invalid, config, chunk) -> _Split:
     # buckets before it summed by _head_gaps. Bucket k's tokens have p >= e^-((k + 1) / S) / Z,
     # which bounds how many tokens the head and the crossing bucket hold.
     listed_bucket = bucket.masked_fill(invalid, -1)
+    before_crossing = None
     if near is not None:
         listed_whole_head = True
-        taken = _true_positions(torch.le(near.keys, listed_bucket.to(torch.int32)[near.rows, None]).view(-1))
+        listed = torch.lt(near.keys, (listed_bucket + 1).to(near.keys.dtype)[near.rows, None], out=torch.empty_like(near.keys))
+        taken = _true_positions(listed.bool().view(-1))
         window, column = taken // KEY_BLOCK, taken % KEY_BLOCK
-        positions, rows, token_keys = near.starts[window] + column, near.rows[window], near.keys.view(-1)[taken]
+        positions, rows = near.starts[window] + column, near.rows[window]
+        in_bucket = near.keys.view(-1)[taken] >= bucket[rows]
     else:
         reach = (mass[:, :searched] * workspace.inverse_bucket_floor(searched)).cumsum_(1).gather(1, bucket[:, None])
         listed_whole_head = float((reach.squeeze(1) * log_z_a.squeeze(1).exp()).nansum()) <= n_rows * vocab / LISTED_SHARE
+        # The keys' floors are the buckets: bucket <= b where key < b + 1, bucket == b where
+        # floor(key) == b (compared as floats, then copied to bools: see keys_then_mask).
+        listed_bucket = listed_bucket[:, None].to(key.dtype)
+        if listed_whole_head:
+            torch.lt(key, listed_bucket + 1, out=key_mask)
+        else:
+            torch.eq(key.floor_(), listed_bucket, out=key_mask)
         padded, mask = workspace.mask(n_rows)
-        (torch.le if listed_whole_head else torch.eq)(keys, listed_bucket[:, None], out=mask)
+        mask.copy_(key_mask)
         positions = _true_positions(padded)
         rows = positions // vocab
-        token_keys = keys.view(-1)[positions] if listed_whole_head else None
+        if listed_whole_head:
+            in_bucket = torch.take(key, positions) >= bucket[rows]
+        else:  # the buckets before the crossing one: summed by _head_gaps
+            before_crossing = torch.lt(key, bucket[:, None].to(key.dtype), out=key_mask)
     crossing = positions
     if listed_whole_head:
-        in_bucket = token_keys == bucket[rows]
         crossing, rows, definite = positions[in_bucket], rows[in_bucket], positions[~in_bucket]
 
     # The crossing buckets' tokens in the teacher's order within each row: value descending,
@@ -704,7 +725,7 @@ def _find_split(a, max_a, min_a, log_z_a, p, invalid, config, chunk) -> _Split:
     if listed_whole_head:
         head = torch.cat((definite, head))
     path = SPLIT_PATH_CODES["head blocks" if near is not None else "listed" if listed_whole_head else "buckets"]
-    return _Split(keys, bucket, head, listed_whole_head, None, path)
+    return _Split(before_crossing, head, listed_whole_head, None, path)
 
 
 def _bucket_keys(values, max_a, min_a, invalid, temperature, out=None):
@@ -728,7 +749,7 @@ def _bucket_keys(values, max_a, min_a, invalid, temperature, out=None):
 class _NearHead(NamedTuple):
     """The windows of KEY_BLOCK tokens of a chunk that hold its rows' heads and crossing
     tokens: starts (C,) the flat position (row * V + column) of each window's first token, rows
-    (C,), keys (C, KEY_BLOCK) int32 and p (C, KEY_BLOCK). Windows come in position order within
+    (C,), keys (C, KEY_BLOCK) float bucket keys (_bucket_keys) and p (C, KEY_BLOCK). Windows come in position order within
     a row; a column that another window holds has key SPLIT_BUCKETS (past the last bucket) and
     p 0 in this one."""
 
@@ -772,7 +793,7 @@ def _tokens_near_head(a, p, max_a, min_a, invalid, log_z_a, config, searched):
         every_row = torch.arange(n_rows, device=p.device)
         rows, starts = torch.cat((rows, every_row)), torch.cat((starts, (every_row + 1) * vocab - KEY_BLOCK))
         window_a, window_p = torch.cat((window_a, a[:, -KEY_BLOCK:])), torch.cat((window_p, p[:, -KEY_BLOCK:]))
-    window_keys = _bucket_keys(window_a, max_a[rows], min_a[rows], invalid[rows], config.temperature).to(torch.int32)
+    window_keys = _bucket_keys(window_a, max_a[rows], min_a[rows], invalid[rows], config.temperature)
     if rest:
         window_keys[-n_rows:, : KEY_BLOCK - rest] = SPLIT_BUCKETS
         window_p[-n_rows:, : KEY_BLOCK - rest] = 0.0
@@ -803,7 +824,7 @@ def _teacher_order(rows, values):
 def _head_gaps(split, gap, count_head):
     """The gaps (docs/semantics.md section 2, rule 7): (head gap, tail gap, head size), each
     (R,), from the split and gap = |p - q| (R, V). The head size is counted only when count_head (it is a statistic
-    only) or when it comes for free; otherwise it is 0."""
+    only) or when it comes for free; otherwise it is 0. Overwrites split.before_crossing."""
     n_rows, vocab = gap.shape
     if split.support_size is not None:  # the whole support is head
         return gap.sum(1), gap.new_zeros(n_rows), split.support_size
@@ -812,24 +833,13 @@ def _head_gaps(split, gap, count_head):
     if split.listed_whole_head:
         return head_gap, gap.sum(1) - head_gap, torch.bincount(head_rows, minlength=n_rows)
 
-    # The buckets before the crossing one, by a scatter of the gaps (and of ones for the size).
-    searched = int(split.bucket.max())  # no row needs a running sum past its own bucket
-    gaps_before, total = _sums_by_bucket(split.keys, gap, split.bucket, searched)
-    head_gap += gaps_before
+    # The buckets before the crossing one: a masked sum (the mask's buffer takes the products).
+    before = split.before_crossing
     head_size = torch.zeros(n_rows, dtype=torch.int64, device=gap.device)
     if count_head:
-        ones = torch.ones((), dtype=gap.dtype, device=gap.device).expand(gap.shape)
-        head_size = _sums_by_bucket(split.keys, ones, split.bucket, searched)[0].round().to(torch.int64)
-        head_size += torch.bincount(head_rows, minlength=n_rows)
-    return head_gap, total - head_gap, head_size
-
-
-def _sums_by_bucket(keys, values, bucket, searched):
-    """(R,) each row's sum of values over the buckets before its bucket (all below `searched`),
-    and (R,) over all buckets."""
-    sums = torch.zeros(keys.shape[0], SPLIT_BUCKETS, dtype=values.dtype, device=values.device)
-    sums.scatter_add_(1, keys, values)
-    return _before_bucket(sums[:, :searched].cumsum(1), bucket), sums.sum(1)
+        head_size = before.sum(1).round_().to(torch.int64) + torch.bincount(head_rows, minlength=n_rows)
+    head_gap += before.mul_(gap).sum(1)
+    return head_gap, gap.sum(1) - head_gap, head_size
 
 
 def _before_bucket(running, bucket):
