@@ -733,11 +733,16 @@ def _bucket_keys(values, max_a, min_a, invalid, temperature, out=None):
     taken when they become integers, are the buckets), for teacher logits `values` (R, W) of
     rows whose largest and smallest logits are max_a and min_a (R, 1); the rows of invalid (R,)
     get the last bucket. Written into out when given."""
-    # max k - a k with k = S / T: one pass, and rounding keeps the order (exact products at
-    # T = 1, S being a power of two); (max - a) k where max k would overflow.
+    # max k - a k with k = S / T: one pass, and rounding keeps the order (exact products when
+    # k is a power of two, at T = 1 and 2); (max - a) k where max k would overflow. Otherwise
+    # max k is rounded up: the add may fuse a k into one rounding, and a key below 0 (the max
+    # token's, by max k's rounding error) would be no bucket at all.
     k = BUCKETS_PER_UNIT / temperature
     if bool((max_a.abs() * k < 1e38).all()):
-        key = torch.add(max_a * k, values, alpha=-k, out=out)
+        max_k = max_a * k
+        if math.frexp(k)[0] != 0.5:
+            max_k = torch.nextafter(max_k, torch.tensor(INF, dtype=max_k.dtype, device=max_k.device))
+        key = torch.add(max_k, values, alpha=-k, out=out)
     else:  # k itself may overflow at small T: the 1 / T first
         key = torch.sub(max_a, values, out=out).mul_(1.0 / temperature).mul_(BUCKETS_PER_UNIT)
     if not bool(((max_a - min_a) * k < SPLIT_BUCKETS - 1).all()):  # -inf, NaN or a wide row
@@ -771,9 +776,13 @@ def _tokens_near_head(a, p, max_a, min_a, invalid, log_z_a, config, searched):
     every token of a bucket after beta is tail (the running mass passed mu before it), and so
     is every token of a block whose smallest key is after beta + 1 (one bucket for rounding). A
     row with no such beta keeps all its blocks. The columns after the last whole block (V not a
-    multiple of KEY_BLOCK) are always kept, as a window that ends the row.
+    multiple of KEY_BLOCK) are always kept, as a window that ends the row. Rows whose logits
+    reach 2^22 / k in magnitude (k = BUCKETS_PER_UNIT / T) get None: there a key's rounding
+    may exceed the one bucket that the bound allows.
     """
     n_rows, vocab = a.shape
+    if not bool(((max_a.abs() * (BUCKETS_PER_UNIT / config.temperature)).masked_fill(invalid[:, None], 0) < 2.0**22).all()):
+        return None
     blocks = vocab // KEY_BLOCK
     block_max = a[:, : blocks * KEY_BLOCK].unflatten(1, (blocks, KEY_BLOCK)).amax(2)
     block_keys = _bucket_keys(block_max, max_a, min_a, invalid, config.temperature).long()

@@ -214,3 +214,15 @@ def test_head_blocks_at_their_default_size():
     paths, _ = torch_split_paths(student, teacher)
     assert paths == ["head blocks"] * 16
     assert_matches_reference("akl", student, teacher, "torch")
+
+
+@pytest.mark.parametrize("temperature", [0.7, 3.0])
+@pytest.mark.parametrize("offset", [1e6, 2e7])
+def test_large_logits_at_any_temperature(offset, temperature, backend, monkeypatch, head_blocks_at_any_size):
+    # Logits near 1e6 and 2e7 at temperatures whose bucket scale S / T is not a power of two:
+    # the torch backend's keys max k - a k round there, and the max token's key could fall
+    # below bucket 0 (an index error) before max k was rounded up; the head-blocks path (forced
+    # at this size) declines such rows, whose keys may be off by more than its one bucket.
+    student = logits(8, VOCAB)
+    teacher = logits(8, VOCAB, scale=4.0 * temperature) + offset
+    assert_matches_reference("akl", student, teacher, backend, temperature=temperature)
