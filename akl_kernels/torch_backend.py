@@ -838,7 +838,11 @@ def _head_gaps(split, gap, count_head):
     if split.support_size is not None:  # the whole support is head
         return gap.sum(1), gap.new_zeros(n_rows), split.support_size
     head_rows = split.head_positions // vocab
-    head_gap = gap.new_zeros(n_rows).index_add_(0, head_rows, gap.view(-1)[split.head_positions])
+    # Summed in float64: index_add_ adds one token at a time, and a head of thousands summed so
+    # in float32 drifts by ~1e-4 of its gap, which the tail gap (the total less the head's)
+    # inherits, relative to itself, many times over when the tail is small.
+    listed = torch.zeros(n_rows, dtype=torch.float64, device=gap.device)
+    head_gap = listed.index_add_(0, head_rows, gap.view(-1)[split.head_positions].double()).to(gap.dtype)
     if split.listed_whole_head:
         return head_gap, gap.sum(1) - head_gap, torch.bincount(head_rows, minlength=n_rows)
 

@@ -226,3 +226,14 @@ def test_large_logits_at_any_temperature(offset, temperature, backend, monkeypat
     student = logits(8, VOCAB)
     teacher = logits(8, VOCAB, scale=4.0 * temperature) + offset
     assert_matches_reference("akl", student, teacher, backend, temperature=temperature)
+
+
+@pytest.mark.parametrize("mode", ["akl", "tvd"])
+def test_small_tail_gap_beside_a_head_of_thousands(mode, backend):
+    # A uniform teacher at mu = 0.9 (2700 head tokens of 3001, placed by index) and a peaked
+    # student: the tail gap, about 0.1, is the total gap (about 2) less the head's. The torch
+    # backend summed the listed head's gaps one token at a time in float32, and the tail gap
+    # came out 4e-4 off, relative (beyond the float32 tolerance of 2e-4).
+    student = logits(2, VOCAB - 1999, scale=30.0)
+    teacher = torch.zeros(2, VOCAB - 1999)
+    assert_matches_reference(mode, student, teacher, backend, mu=0.9)
