@@ -678,8 +678,8 @@ def _find_split(a, max_a, min_a, log_z_a, p, invalid, config, chunk) -> _Split:
     before_crossing = None
     if near is not None:
         listed_whole_head = True
-        listed = torch.lt(near.keys, (listed_bucket + 1).to(near.keys.dtype)[near.rows, None], out=torch.empty_like(near.keys))
-        taken = _true_positions(listed.bool().view(-1))
+        limit = (listed_bucket + 1).to(near.keys.dtype)[near.rows, None]  # bucket <= b: key < b + 1
+        taken = _true_positions(torch.lt(near.keys, limit, out=torch.empty_like(near.keys)).bool().view(-1))
         window, column = taken // KEY_BLOCK, taken % KEY_BLOCK
         positions, rows = near.starts[window] + column, near.rows[window]
         in_bucket = near.keys.view(-1)[taken] >= bucket[rows]
@@ -754,9 +754,9 @@ def _bucket_keys(values, max_a, min_a, invalid, temperature, out=None):
 class _NearHead(NamedTuple):
     """The windows of KEY_BLOCK tokens of a chunk that hold its rows' heads and crossing
     tokens: starts (C,) the flat position (row * V + column) of each window's first token, rows
-    (C,), keys (C, KEY_BLOCK) float bucket keys (_bucket_keys) and p (C, KEY_BLOCK). Windows come in position order within
-    a row; a column that another window holds has key SPLIT_BUCKETS (past the last bucket) and
-    p 0 in this one."""
+    (C,), keys (C, KEY_BLOCK) the float bucket keys (_bucket_keys) and p (C, KEY_BLOCK).
+    Windows come in position order within a row; a column that another window holds has key
+    SPLIT_BUCKETS (past the last bucket) and p 0 in this one."""
 
     starts: torch.Tensor
     rows: torch.Tensor
@@ -781,7 +781,8 @@ def _tokens_near_head(a, p, max_a, min_a, invalid, log_z_a, config, searched):
     may exceed the one bucket that the bound allows.
     """
     n_rows, vocab = a.shape
-    if not bool(((max_a.abs() * (BUCKETS_PER_UNIT / config.temperature)).masked_fill(invalid[:, None], 0) < 2.0**22).all()):
+    scaled_max = (max_a.abs() * (BUCKETS_PER_UNIT / config.temperature)).masked_fill(invalid[:, None], 0)
+    if not bool((scaled_max < 2.0**22).all()):
         return None
     blocks = vocab // KEY_BLOCK
     block_max = a[:, : blocks * KEY_BLOCK].unflatten(1, (blocks, KEY_BLOCK)).amax(2)
