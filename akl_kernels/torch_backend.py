@@ -644,7 +644,7 @@ def _find_split(a, max_a, min_a, log_z_a, p, invalid, config, chunk) -> _Split:
     # tokens, none above it), so it lies within ln(V / (1 - mu)) of the max: only the buckets up
     # to there need a running sum, unless rounding left a row's mass there within mu.
     searched = min(SPLIT_BUCKETS, int(BUCKETS_PER_UNIT * math.log(vocab / (1.0 - mu))) + 2)
-    near = keys = None
+    near = None
     if vocab >= KEY_BLOCK and n_rows * vocab >= HEAD_BLOCKS_MIN_ELEMENTS and workspace.head_blocks_pay():
         near = _tokens_near_head(a, p, max_a, min_a, invalid, log_z_a, config, searched)
         workspace.head_blocks_tried(near is not None)
@@ -785,7 +785,11 @@ def _tokens_near_head(a, p, max_a, min_a, invalid, log_z_a, config, searched):
     if not bool((scaled_max < 2.0**22).all()):
         return None
     blocks = vocab // KEY_BLOCK
-    block_max = a[:, : blocks * KEY_BLOCK].unflatten(1, (blocks, KEY_BLOCK)).amax(2)
+
+    def by_block(x):  # (R, blocks, KEY_BLOCK): the whole blocks of each row
+        return x[:, : blocks * KEY_BLOCK].unflatten(1, (blocks, KEY_BLOCK))
+
+    block_max = by_block(a).amax(2)
     block_keys = _bucket_keys(block_max, max_a, min_a, invalid, config.temperature).long()
     floors = torch.zeros(n_rows, SPLIT_BUCKETS, dtype=p.dtype, device=p.device)
     floors.scatter_add_(1, block_keys, block_keys.add(2).to(p.dtype).div_(-BUCKETS_PER_UNIT).exp_())
@@ -796,8 +800,7 @@ def _tokens_near_head(a, p, max_a, min_a, invalid, log_z_a, config, searched):
         return None
     rows, block = near_blocks // blocks, near_blocks % blocks
     starts = rows * vocab + block * KEY_BLOCK
-    window_a = a[:, : blocks * KEY_BLOCK].unflatten(1, (blocks, KEY_BLOCK))[rows, block]
-    window_p = p[:, : blocks * KEY_BLOCK].unflatten(1, (blocks, KEY_BLOCK))[rows, block]
+    window_a, window_p = by_block(a)[rows, block], by_block(p)[rows, block]
     rest = vocab - blocks * KEY_BLOCK
     if rest:  # each row's last KEY_BLOCK columns, of which the first KEY_BLOCK - rest are another window's
         every_row = torch.arange(n_rows, device=p.device)
