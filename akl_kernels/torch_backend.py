@@ -3,9 +3,10 @@
 This is the default on machines without a GPU. Rows are processed a chunk at a time so that the
 working memory stays at a few chunk-sized buffers besides the gradient itself, and the gradient
 is computed from its formula (docs/semantics.md section 2, rule 12) directly (no autograd graph
-over vocabulary-sized intermediates). The head/tail split puts each row's tokens in buckets of logits (one scatter of
-the teacher's mass, one of the gaps, and one of counts when statistics are asked for) and
-orders exactly only the bucket that crosses mu; no row is sorted.
+over vocabulary-sized intermediates). The head/tail split puts each row's tokens in buckets of
+logits, sums the teacher's mass per bucket and orders exactly only the bucket that crosses mu;
+no row is sorted. CPU rows are split row by row by numba-compiled code (_row_split.py), other
+rows (a GPU's, or where numba is missing) by torch ops on the whole chunk (_find_split).
 
 Logits are read as they are and shifted by their row's maximum before the temperature divides
 them, (x - max) / T, so that neither large logits nor a small T overflow a finite row.
@@ -13,6 +14,7 @@ them, (x - max) / T, so that neither large logits nor a small T overflow a finit
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -29,11 +31,25 @@ NEG_INF = float("-inf")
 INF = float("inf")
 
 # How the split was found, per row (RowLosses.split_path).
-# "listed": the head (small) was listed token by token; "buckets": the head's buckets were summed
-# by a scatter and only the crossing bucket listed; "head blocks": the head (small) was listed
-# from the few blocks of the rows that can hold it (_tokens_near_head).
-SPLIT_PATH_CODES = {"none": 0, "all head": 1, "listed": 2, "buckets": 3, "head blocks": 4}
+# "rows": CPU rows, each split by the numba-compiled code of _row_split.py (two passes over the
+# row while it sits in cache). Elsewhere (a GPU's rows, or where numba is not installed) the
+# split runs on the chunk with torch ops: "listed": the head (small) was listed token by token;
+# "buckets": the head's buckets were summed by a scatter and only the crossing bucket listed;
+# "head blocks": the head (small) was listed from the few blocks of the rows that can hold it
+# (_tokens_near_head).
+SPLIT_PATH_CODES = {"none": 0, "all head": 1, "listed": 2, "buckets": 3, "head blocks": 4, "rows": 5}
 SPLIT_PATHS = {code: name for name, code in SPLIT_PATH_CODES.items()}
+
+
+@functools.cache
+def compiled_row_split():
+    """_row_split.row_split_gaps, or None where numba is not installed (the split then runs on
+    torch ops, as it does for a GPU's rows). Imported on first use: numba takes a second."""
+    try:
+        from ._row_split import row_split_gaps
+    except ImportError:
+        return None
+    return row_split_gaps
 
 
 def split_path_name(code: int) -> str:
@@ -459,15 +475,24 @@ def _chunk_losses(a, b, chunk, config, grad_scale) -> _ChunkResult:
         del term, log_p, log_q
 
     # Steps 3 and 4: the head/tail split and the gaps |p - q| over head and tail; weights from
-    # them (AKL) or fixed. The split orders the teacher's mass while p is whole; then q - p
-    # (for the gradient) takes p's buffer and |q - p| the scratch buffer.
-    split = _find_split(a, max_a, min_a, sum_a.log(), p, invalid, config, chunk) if config.split else None
+    # them (AKL) or fixed. Both splits read p whole: CPU rows (below mu = 1) are split, gaps
+    # included, by the compiled code; the torch-ops split orders the teacher's mass here, then
+    # q - p (for the gradient) takes p's buffer and |q - p| the scratch buffer.
+    split = row_split = None
+    if config.split and config.mu < 1.0 and a.device.type == "cpu":
+        row_split = compiled_row_split()
+    if row_split is not None:
+        scale = BUCKETS_PER_UNIT / config.temperature
+        head_gap, tail_gap, head_size = row_split(a, p, q, max_a, config.mu, scale, SPLIT_BUCKETS)
+        path = torch.full_like(head_size, SPLIT_PATH_CODES["rows"], dtype=torch.int32)
+    elif config.split:
+        split = _find_split(a, max_a, min_a, sum_a.log(), p, invalid, config, chunk)
     q_minus_p = torch.sub(q, p, out=p)
-    if config.split:
+    if split is not None:
         gap = torch.abs(q_minus_p, out=scratch)
         head_gap, tail_gap, head_size = _head_gaps(split, gap, config.stats)
         path = torch.full_like(head_size, split.path, dtype=torch.int32)
-    else:
+    elif not config.split:
         head_gap = tail_gap = torch.zeros_like(fkl)
         head_size = torch.zeros(fkl.shape, dtype=torch.int64, device=fkl.device)
         path = torch.zeros(fkl.shape, dtype=torch.int32, device=fkl.device)

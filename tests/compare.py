@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from unittest import mock
 
 import torch
 
-from akl_kernels import LOSSES, akl_loss, distillation_loss, fkl_loss, rkl_loss
+from akl_kernels import LOSSES, akl_loss, distillation_loss, fkl_loss, rkl_loss, torch_backend
 from reference.compare import assert_rows_match_reference
 
 # Every loss of the family by name: the named functions where they exist (fkl_loss and rkl_loss
@@ -34,6 +36,14 @@ def run_loss(mode, student, teacher, backend, *, mu=0.5, temperature=1.0, labels
     loss, stats = LOSS_FUNCTIONS[mode](s, teacher, **kwargs, **(parameters or {}))
     loss.backward(torch.ones_like(loss))
     return loss.detach(), stats, s.grad
+
+
+@contextlib.contextmanager
+def torch_ops_split():
+    """Within it the torch backend splits CPU rows with torch ops (as it does a GPU's rows, or
+    without numba) instead of its compiled row split."""
+    with mock.patch.object(torch_backend, "compiled_row_split", lambda: None):
+        yield
 
 
 def assert_matches_reference(

@@ -32,6 +32,20 @@ def backend(request):
     return request.param
 
 
+@pytest.fixture(params=["torch", "torch ops", "triton"])
+def split_backend(request):
+    """A backend, for the head/tail split's tests: the torch backend twice, its split of CPU rows
+    compiled row by row (its default) and on torch ops (its way for a GPU's rows, or without
+    numba)."""
+    if request.param == "torch ops":
+        from tests.compare import torch_ops_split
+
+        with torch_ops_split():
+            yield "torch"
+    else:
+        yield request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

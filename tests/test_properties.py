@@ -6,13 +6,16 @@ torch backend's bucket keys round) and -inf masks in either input are drawn at r
 (up to the head/tail ambiguity that docs/semantics.md allows within rounding of mu, see tests/compare.py).
 """
 
+import contextlib
+
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from akl_kernels import LOSSES
 from akl_kernels.divergences import DIVERGENCES
-from tests.compare import assert_matches_reference
+from tests.compare import assert_matches_reference, torch_ops_split
 
 cases = st.fixed_dictionaries(
     {
@@ -61,10 +64,13 @@ def check(case, backend):
     )
 
 
+@pytest.mark.parametrize("split", ["rows", "ops"])
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases)
-def test_torch_backend_matches_reference(case):
-    check(case, "torch")
+def test_torch_backend_matches_reference(split, case):
+    # Both ways the torch backend splits CPU rows: compiled row by row, and on torch ops.
+    with torch_ops_split() if split == "ops" else contextlib.nullcontext():
+        check(case, "torch")
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

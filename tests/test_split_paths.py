@@ -13,7 +13,7 @@ import torch
 
 from akl_kernels._rows import LossMode, RowLossConfig
 from akl_kernels.triton_backend import CAPACITY, SPLIT_PATHS, triton_row_losses
-from tests.compare import assert_matches_reference, run_loss
+from tests.compare import assert_matches_reference, run_loss, torch_ops_split
 
 NEG_INF = float("-inf")
 VOCAB = 5000  # three blocks of 2048
@@ -42,52 +42,52 @@ def logits(*shape, scale=1.0):
     return torch.randn(*shape, dtype=torch.float64).mul(scale).float()
 
 
-def test_flat_teacher_is_bracketed_and_placed_from_the_buffer(backend):
+def test_flat_teacher_is_bracketed_and_placed_from_the_buffer(split_backend):
     # Heads of ~1500 tokens: bracket passes, then the bracket's tokens placed after pass 2.
     student, teacher = logits(3, VOCAB), logits(3, VOCAB, scale=0.5)
-    check_paths(backend, student, teacher, lambda name, passes: name == "bracket+buffer" and passes >= 1)
-    assert_matches_reference("akl", student, teacher, backend)
+    check_paths(split_backend, student, teacher, lambda name, passes: name == "bracket+buffer" and passes >= 1)
+    assert_matches_reference("akl", student, teacher, split_backend)
 
 
-def test_dense_cluster_at_the_crossing_takes_several_bracket_passes(backend):
+def test_dense_cluster_at_the_crossing_takes_several_bracket_passes(split_backend):
     # Two thirds of the tokens within 1e-6 of each other, the rest spread around them: the
     # first bracket holds the whole cluster, more tokens than the buffer, so a second pass
     # narrows it.
     student, teacher = logits(2, LARGE_VOCAB), logits(2, LARGE_VOCAB, scale=0.5)
     cluster = torch.rand(2, LARGE_VOCAB, generator=_generator(2)) < 2 / 3
     teacher[cluster] = logits(int(cluster.sum()), scale=1e-6)
-    check_paths(backend, student, teacher, lambda name, passes: name.startswith("bracket") and passes >= 2)
-    assert_matches_reference("akl", student, teacher, backend)
+    check_paths(split_backend, student, teacher, lambda name, passes: name.startswith("bracket") and passes >= 2)
+    assert_matches_reference("akl", student, teacher, split_backend)
 
 
-def test_near_uniform_teacher(backend):
+def test_near_uniform_teacher(split_backend):
     # Values within 1e-3 of each other: the row's smallest value floors the first bracket.
     student, teacher = logits(2, LARGE_VOCAB), logits(2, LARGE_VOCAB, scale=1e-3)
-    check_paths(backend, student, teacher, lambda name, passes: name == "bracket+buffer" and passes == 1)
-    assert_matches_reference("akl", student, teacher, backend)
+    check_paths(split_backend, student, teacher, lambda name, passes: name == "bracket+buffer" and passes == 1)
+    assert_matches_reference("akl", student, teacher, split_backend)
 
 
 @pytest.mark.parametrize("mu", [0.3, 0.8])
-def test_massive_ties_at_the_crossing_are_placed_by_rank(backend, mu):
+def test_massive_ties_at_the_crossing_are_placed_by_rank(split_backend, mu):
     # Two values, each held by more tokens than the bracket buffer holds, scattered over every
     # block: the crossing falls inside a group of ties, in the upper value at mu = 0.3 (one
     # bracket pass) and in the lower one at mu = 0.8 (two), and its head part ends mid-row.
     teacher = torch.randint(0, 2, (2, LARGE_VOCAB), generator=_generator(1)).float()
     student = logits(2, LARGE_VOCAB)
-    check_paths(backend, student, teacher, lambda name, _: name == "bracket+ties", mu=mu)
-    assert_matches_reference("akl", student, teacher, backend, mu=mu)
+    check_paths(split_backend, student, teacher, lambda name, _: name == "bracket+ties", mu=mu)
+    assert_matches_reference("akl", student, teacher, split_backend, mu=mu)
 
 
-def test_every_token_tied(backend):
+def test_every_token_tied(split_backend):
     # One value everywhere (the second row's support ends at 3000): the head is the lowest indices.
     teacher = torch.zeros(2, VOCAB)
     teacher[1, 3000:] = NEG_INF
     student = logits(2, VOCAB)
-    check_paths(backend, student, teacher, lambda name, _: name.startswith("bracket"), mu=0.3)
-    assert_matches_reference("akl", student, teacher, backend, mu=0.3)
+    check_paths(split_backend, student, teacher, lambda name, _: name.startswith("bracket"), mu=0.3)
+    assert_matches_reference("akl", student, teacher, split_backend, mu=0.3)
 
 
-def test_ties_straddling_blocks_in_the_top_path(backend):
+def test_ties_straddling_blocks_in_the_top_path(split_backend):
     # A head of a few tokens whose crossing value is shared by tokens on both sides of the block
     # boundaries at 2048 and 4096: the running rank must carry across blocks.
     teacher = torch.full((2, VOCAB), -8.0)
@@ -96,37 +96,37 @@ def test_ties_straddling_blocks_in_the_top_path(backend):
     teacher[:, tied] = 2.0
     student = logits(2, VOCAB)
     for mu in (0.3, 0.45, 0.6):
-        check_paths(backend, student, teacher, lambda name, _: name == "top", mu=mu)
-        assert_matches_reference("akl", student, teacher, backend, mu=mu)
+        check_paths(split_backend, student, teacher, lambda name, _: name == "top", mu=mu)
+        assert_matches_reference("akl", student, teacher, split_backend, mu=mu)
 
 
-def test_bracket_with_ties_inside_the_buffer(backend):
+def test_bracket_with_ties_inside_the_buffer(split_backend):
     # bf16-valued flat teachers: a bracket of few distinct values, each shared by many tokens,
     # placed from the buffer (ties of the crossing value ranked in index order there).
     student = logits(3, VOCAB)
     teacher = logits(3, VOCAB, scale=0.7).bfloat16().float()
-    check_paths(backend, student, teacher, lambda name, _: name.startswith("bracket"), temperature=2.0)
-    assert_matches_reference("akl", student, teacher, backend, temperature=2.0)
+    check_paths(split_backend, student, teacher, lambda name, _: name.startswith("bracket"), temperature=2.0)
+    assert_matches_reference("akl", student, teacher, split_backend, temperature=2.0)
 
 
-def test_student_minus_inf_inside_the_teachers_support(backend):
+def test_student_minus_inf_inside_the_teachers_support(split_backend):
     # Bracket passes must then read the student too: its -inf tokens are outside the support.
     student, teacher = logits(2, VOCAB), logits(2, VOCAB, scale=0.5)
     student[:, torch.randperm(VOCAB)[:1500]] = NEG_INF
-    check_paths(backend, student, teacher, lambda name, _: name.startswith("bracket"))
-    assert_matches_reference("akl", student, teacher, backend)
+    check_paths(split_backend, student, teacher, lambda name, _: name.startswith("bracket"))
+    assert_matches_reference("akl", student, teacher, split_backend)
 
 
-def test_mu_one_makes_the_whole_support_head(backend):
+def test_mu_one_makes_the_whole_support_head(split_backend):
     student, teacher = logits(2, VOCAB), logits(2, VOCAB, scale=2.0)
     teacher[1, :100] = NEG_INF
-    check_paths(backend, student, teacher, lambda name, _: name == "all head", mu=1.0)
-    _, stats, _ = run_loss("akl", student, teacher, backend, mu=1.0)
+    check_paths(split_backend, student, teacher, lambda name, _: name == "all head", mu=1.0)
+    _, stats, _ = run_loss("akl", student, teacher, split_backend, mu=1.0)
     assert stats.head_size.tolist() == [VOCAB, VOCAB - 100]
-    assert_matches_reference("akl", student, teacher, backend, mu=1.0)
+    assert_matches_reference("akl", student, teacher, split_backend, mu=1.0)
 
 
-def test_many_rows_mixing_paths(backend):
+def test_many_rows_mixing_paths(split_backend):
     # More rows than the kernel's programs (8 on a CPU): each program takes several rows in turn,
     # with its buffer reused between them.
     n = 20
@@ -134,10 +134,10 @@ def test_many_rows_mixing_paths(backend):
     teacher = torch.cat([logits(7, 3000, scale=4.0), logits(7, 3000, scale=0.5),
                          torch.randint(-2, 2, (6, 3000)).float()])
     teacher = teacher[torch.randperm(n)]
-    if backend == "triton":
+    if split_backend == "triton":
         names = {name for name, _ in split_paths(student, teacher)}
         assert {"top", "bracket+buffer"} <= names, names
-    assert_matches_reference("akl", student, teacher, backend)
+    assert_matches_reference("akl", student, teacher, split_backend)
 
 
 def torch_split_paths(student, teacher, *, stats=True, mu=0.5, temperature=1.0):
@@ -146,6 +146,14 @@ def torch_split_paths(student, teacher, *, stats=True, mu=0.5, temperature=1.0):
     config = RowLossConfig(mode=LossMode.AKL, mu=mu, temperature=temperature, split=True, stats=stats)
     rows = torch_row_losses(student, teacher, None, torch.ones(()), config, compute_grad=True)
     return [TORCH_PATHS[code] for code in rows.split_path.tolist()], rows
+
+
+@pytest.fixture
+def ops_split():
+    """The torch backend's split on torch ops (its paths "listed", "buckets", "head blocks"),
+    which CPU rows take only without the compiled row split."""
+    with torch_ops_split():
+        yield
 
 
 @pytest.fixture
@@ -165,7 +173,7 @@ def without_head_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("scale, path", [(4.0, "head blocks"), (4.0, "listed"), (0.5, "buckets")])
-def test_torch_backend_split_paths(scale, path, monkeypatch, head_blocks_at_any_size):
+def test_torch_backend_split_paths(scale, path, monkeypatch, ops_split, head_blocks_at_any_size):
     # Peaked teachers (heads of a few tokens) are found in the few blocks of 32 tokens that can
     # hold them (V = 5000: the last 8 columns in a window of their own); with that path off,
     # they are listed token by token from the whole chunk; flat ones (heads of ~1500) have their
@@ -188,7 +196,7 @@ def test_torch_backend_split_paths(scale, path, monkeypatch, head_blocks_at_any_
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("mu", [0.1, 0.5, 0.8])
-def test_head_blocks_give_the_whole_chunks_head(mu, temperature, monkeypatch, head_blocks_at_any_size):
+def test_head_blocks_give_the_whole_chunks_head(mu, temperature, monkeypatch, ops_split, head_blocks_at_any_size):
     # The head-blocks path reads only the blocks that its mass bound keeps: its heads must be the
     # ones found from the whole chunk, token for token (head sizes equal), on rows with many ties
     # (bfloat16 values), heads near a block's edge and peaked and flatter rows in one chunk (the
@@ -207,7 +215,7 @@ def test_head_blocks_give_the_whole_chunks_head(mu, temperature, monkeypatch, he
     torch.testing.assert_close(blocks.grad, whole.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_head_blocks_at_their_default_size():
+def test_head_blocks_at_their_default_size(ops_split):
     # Chunks of 8 rows of 2^17 (2^20 elements, above HEAD_BLOCKS_MIN_ELEMENTS): peaked rows take
     # the head-blocks path unforced, against the reference.
     student, teacher = logits(16, 1 << 17), logits(16, 1 << 17, scale=4.0)
@@ -218,22 +226,112 @@ def test_head_blocks_at_their_default_size():
 
 @pytest.mark.parametrize("temperature", [0.7, 3.0])
 @pytest.mark.parametrize("offset", [1e6, 2e7])
-def test_large_logits_at_any_temperature(offset, temperature, backend, head_blocks_at_any_size):
+def test_large_logits_at_any_temperature(offset, temperature, split_backend, head_blocks_at_any_size):
     # Logits near 1e6 and 2e7 at temperatures whose bucket scale S / T is not a power of two:
-    # the torch backend's keys max k - a k round there, and the max token's key could fall
+    # the torch split_backend's keys max k - a k round there, and the max token's key could fall
     # below bucket 0 (an index error) before max k was rounded up; the head-blocks path (forced
     # at this size) declines such rows, whose keys may be off by more than its one bucket.
     student = logits(8, VOCAB)
     teacher = logits(8, VOCAB, scale=4.0 * temperature) + offset
-    assert_matches_reference("akl", student, teacher, backend, temperature=temperature)
+    assert_matches_reference("akl", student, teacher, split_backend, temperature=temperature)
 
 
 @pytest.mark.parametrize("mode", ["akl", "tvd"])
-def test_small_tail_gap_beside_a_head_of_thousands(mode, backend):
+def test_small_tail_gap_beside_a_head_of_thousands(mode, split_backend):
     # A uniform teacher at mu = 0.9 (2700 head tokens of 3001, placed by index) and a peaked
     # student: the tail gap, about 0.1, is the total gap (about 2) less the head's. The torch
-    # backend summed the listed head's gaps one token at a time in float32, and the tail gap
+    # split_backend summed the listed head's gaps one token at a time in float32, and the tail gap
     # came out 4e-4 off, relative (beyond the float32 tolerance of 2e-4).
     student = logits(2, 3001, scale=30.0)
     teacher = torch.zeros(2, 3001)
-    assert_matches_reference(mode, student, teacher, backend, mu=0.9)
+    assert_matches_reference(mode, student, teacher, split_backend, mu=0.9)
+
+
+def mixed_rows(generator, vocab):
+    """16 teacher rows of the kinds the split meets: peaked, LM-like, flat, near-uniform, a dense
+    cluster, integer ties, bfloat16 values, a common offset of 1e6, and -inf in some."""
+    def randn(scale):
+        return torch.randn(vocab, generator=generator, dtype=torch.float64).mul(scale).float()
+
+    rows = [randn(8.0), randn(4.0), randn(2.0), randn(0.5), randn(1e-3), randn(0.5).where(
+        torch.rand(vocab, generator=generator) < 0.5, randn(1e-6)),
+        torch.randint(0, 6, (vocab,), generator=generator).float(), randn(3.0).bfloat16().float(),
+        randn(0.7).bfloat16().float(), randn(4.0) + 1e6, randn(0.5) + 1e6, randn(2.0)]
+    rows += [row.masked_fill(torch.rand(vocab, generator=generator) < 0.3, NEG_INF) for row in rows[:4]]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("mu", [0.1, 0.37, 0.9])
+def test_compiled_row_split_gives_the_ops_split_heads(mu, temperature):
+    # The compiled row split (CPU rows) and the torch-ops split (a GPU's rows) must find the same
+    # head, token for token (head sizes equal), on every kind of row, with -inf in either input.
+    generator = torch.Generator().manual_seed(3)
+    teacher = mixed_rows(generator, 3001)
+    student = torch.randn(teacher.shape, generator=generator)
+    student[-1, :200] = NEG_INF
+    paths, rows = torch_split_paths(student, teacher, mu=mu, temperature=temperature)
+    assert paths == ["rows"] * len(teacher)
+    with torch_ops_split():
+        ops_paths, ops = torch_split_paths(student, teacher, mu=mu, temperature=temperature)
+    assert "rows" not in ops_paths
+    assert torch.equal(rows.head_size, ops.head_size)
+    torch.testing.assert_close(rows.stats, ops.stats, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rows.grad, ops.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_row_split_reads_strided_rows(dtype):
+    # Rows read as a view with a row stride beyond V (a slice of wider logits), in float32 and
+    # float64 (each its own compiled code), against the reference.
+    wide_student, wide_teacher = logits(6, VOCAB + 37).to(dtype), logits(6, VOCAB + 37, scale=0.5).to(dtype)
+    student, teacher = wide_student[:, :VOCAB], wide_teacher[:, :VOCAB]
+    paths, _ = torch_split_paths(student, teacher)
+    assert paths == ["rows"] * 6
+    assert_matches_reference("akl", student, teacher, "torch")
+
+
+def test_whole_support_within_mu_by_rounding(split_backend):
+    # 25 equal logits: p = 1/25 rounds down in float32 (0.039999999), so the running mass of all
+    # 25 stays within mu = 1 - 1e-8 in float32 sums, while in float64 the last token tips it over:
+    # either decision is allowed within rounding (24 or 25 head tokens), and nothing else.
+    student, teacher = logits(2, 25), torch.zeros(2, 25)
+    _, stats, _ = run_loss("akl", student, teacher, split_backend, mu=1 - 1e-8)
+    assert set(stats.head_size.tolist()) <= {24, 25}
+    assert_matches_reference("akl", student, teacher, split_backend, mu=1 - 1e-8)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "cluster", "integers", "huge float64"])
+def test_compiled_row_split_against_a_sort(kind):
+    # The compiled split alone, on arbitrary masses p (the rule needs no softmax): the head is
+    # the longest prefix of the order by value descending, index ascending, whose running mass
+    # stays <= mu, at least one token. A dense cluster is bucketed again several times; float64
+    # values 2e308 apart overflow the differences of the crossing bucket's second keys.
+    from akl_kernels import torch_backend
+
+    generator = torch.Generator().manual_seed(5)
+    dtype = torch.float64 if kind == "huge float64" else torch.float32
+    a = torch.randn(6, 4000, generator=generator, dtype=torch.float64)
+    if kind == "cluster":
+        a = torch.where(torch.rand(a.shape, generator=generator) < 0.8, a * 1e-9 + 1.0, a)
+    elif kind == "integers":
+        a = torch.randint(0, 3, a.shape, generator=generator).double()
+    elif kind == "huge float64":
+        a[:, :1000] = 1e308 * torch.rand(6, 1000, generator=generator, dtype=torch.float64)
+        a[:, 1000:1500] = -1e308
+    a = a.to(dtype)
+    a[:, -50:] = NEG_INF
+    p = torch.rand(a.shape, generator=generator, dtype=dtype).masked_fill(a == NEG_INF, 0.0)
+    p /= p.sum(1, keepdim=True)
+    q = torch.rand(a.shape, generator=generator, dtype=dtype)
+    mu = 0.43
+    head_gap, tail_gap, head_size = torch_backend.compiled_row_split()(a, p, q, a.amax(1, keepdim=True), mu, 64.0, 4096)
+    for row in range(a.shape[0]):
+        order = sorted(range(a.shape[1]), key=lambda j: (-a[row, j].item(), j))
+        running = p[row, order].double().cumsum(0)
+        in_head = (running <= mu) | (torch.arange(len(order)) == 0)
+        head = torch.tensor(order)[in_head]
+        gap = (p[row] - q[row]).double().abs()
+        assert head_size[row] == len(head), kind
+        torch.testing.assert_close(head_gap[row].double(), gap[head].sum(), rtol=1e-6, atol=0.0)
+        torch.testing.assert_close(tail_gap[row].double(), gap.sum() - gap[head].sum(), rtol=1e-6, atol=0.0)
