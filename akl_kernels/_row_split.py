@@ -52,14 +52,18 @@ def _gap_sums(p, q, buckets, crossing):
 
 
 @numba.njit(cache=True, nogil=True)
-def _row_split(a, p, q, row_max, mu, scale, mass, buckets, listed):
+def _row_split(a, p, q, row_max, row_min, mu, scale, mass, buckets, listed):
     """(head gap, tail gap, head size) of one row: a, p, q (V,) teacher logits (-inf outside
-    the support), teacher and student probabilities; mass (n_buckets,), buckets (V,) int16 and
-    listed (V,) int64 are scratch."""
+    the support), teacher and student probabilities, row_max and row_min a's largest and
+    smallest values; mass (n_buckets,), buckets (V,) int16 and listed (V,) int64 are scratch."""
     if not -np.inf < row_max < np.inf:  # NaN, +inf or an empty support: the row gives NaN
         return np.nan, np.nan, 0
     n_buckets = mass.shape[0]
     last = n_buckets - 1
+    # A narrow row is spread over all the buckets (any scale keeps the order): near-uniform
+    # rows would otherwise fill a few buckets, with serial adds into each.
+    if -np.inf < row_min < row_max:
+        scale = max(scale, last / (np.float64(row_max) - np.float64(row_min)))
     _bucket_keys(a, row_max, scale, last, buckets)
     mass[:] = 0.0
     for j in range(a.shape[0]):
@@ -163,8 +167,8 @@ def _crossing_head(a, p, q, tokens, before, mu, mass, keys):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _rows_split(a, p, q, row_max, mu, scale, n_buckets, head_gap, tail_gap, head_size, workers):
-    """_row_split for each row of a, p, q (R, V), row_max (R,), into head_gap, tail_gap and
+def _rows_split(a, p, q, row_max, row_min, mu, scale, n_buckets, head_gap, tail_gap, head_size, workers):
+    """_row_split for each row of a, p, q (R, V), row_max and row_min (R,), into head_gap, tail_gap and
     head_size (R,): the rows dealt out to the threads, each with its own scratch."""
     n_rows, vocab = a.shape
     for worker in numba.prange(workers):
@@ -173,15 +177,16 @@ def _rows_split(a, p, q, row_max, mu, scale, n_buckets, head_gap, tail_gap, head
         listed = np.empty(vocab, np.int64)
         for r in range(worker, n_rows, workers):
             head_gap[r], tail_gap[r], head_size[r] = _row_split(
-                a[r], p[r], q[r], row_max[r], mu, scale, mass, buckets, listed
+                a[r], p[r], q[r], row_max[r], row_min[r], mu, scale, mass, buckets, listed
             )
 
 
-def row_split_gaps(a, p, q, max_a, mu, scale, n_buckets):
+def row_split_gaps(a, p, q, max_a, min_a, mu, scale, n_buckets):
     """(head gap, tail gap, head size), each (R,), of CPU rows: a, p, q (R, V) float32 or
     float64 teacher logits (-inf outside the support) and teacher and student probabilities;
-    max_a (R, 1) the rows' largest logits; token j's bucket is floor((max - a_j) scale), at most
-    n_buckets - 1 (n_buckets <= 2^15). The gaps come in a's dtype, the size as int64.
+    max_a and min_a (R, 1) the rows' largest and smallest logits; token j's bucket is
+    floor((max - a_j) scale), at most n_buckets - 1 (n_buckets <= 2^15), with a larger scale
+    for rows narrower than n_buckets / scale. The gaps come in a's dtype, the size as int64.
 
     The rows are dealt out to min(torch's threads, numba's, R) threads; one call at a time (some
     of numba's threading layers abort on concurrent launches)."""
@@ -191,7 +196,8 @@ def row_split_gaps(a, p, q, max_a, mu, scale, n_buckets):
     workers = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n_rows)
     with _LAUNCH:
         _rows_split(
-            a.numpy(), p.numpy(), q.numpy(), max_a.view(-1).numpy(), float(mu), float(scale), int(n_buckets),
+            a.numpy(), p.numpy(), q.numpy(), max_a.view(-1).numpy(), min_a.view(-1).numpy(), float(mu), float(scale),
+            int(n_buckets),
             gaps[0].numpy(), gaps[1].numpy(), head_size.numpy(), workers,
         )
     head_gap, tail_gap = gaps.to(a.dtype)

@@ -483,7 +483,7 @@ def _chunk_losses(a, b, chunk, config, grad_scale) -> _ChunkResult:
         row_split = compiled_row_split()
     if row_split is not None:
         scale = BUCKETS_PER_UNIT / config.temperature
-        head_gap, tail_gap, head_size = row_split(a, p, q, max_a, config.mu, scale, SPLIT_BUCKETS)
+        head_gap, tail_gap, head_size = row_split(a, p, q, max_a, min_a, config.mu, scale, SPLIT_BUCKETS)
         path = torch.full_like(head_size, SPLIT_PATH_CODES["rows"], dtype=torch.int32)
     elif config.split:
         split = _find_split(a, max_a, min_a, sum_a.log(), p, invalid, config, chunk)

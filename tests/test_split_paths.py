@@ -325,7 +325,9 @@ def test_compiled_row_split_against_a_sort(kind):
     p /= p.sum(1, keepdim=True)
     q = torch.rand(a.shape, generator=generator, dtype=dtype)
     mu = 0.43
-    head_gap, tail_gap, head_size = torch_backend.compiled_row_split()(a, p, q, a.amax(1, keepdim=True), mu, 64.0, 4096)
+    head_gap, tail_gap, head_size = torch_backend.compiled_row_split()(
+        a, p, q, a.amax(1, keepdim=True), a.amin(1, keepdim=True), mu, 64.0, 4096
+    )
     for row in range(a.shape[0]):
         order = sorted(range(a.shape[1]), key=lambda j: (-a[row, j].item(), j))
         running = p[row, order].double().cumsum(0)
