@@ -13,6 +13,7 @@ ascending) to enter the head while the running mass stays <= mu (the row's first
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numba
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 _LAUNCH = threading.Lock()
+_IMPORTED_BY = os.getpid()
 # Crossing buckets of at most this many tokens are sorted; larger ones bucketed again.
 SORTED_TOKENS = 64
 # Crossing buckets holding more than 1 / BRANCH_SHARE of a row are listed without branches.
@@ -166,19 +168,25 @@ def _crossing_head(a, p, q, tokens, before, mu, mass, keys):
     return head, count
 
 
+@numba.njit(cache=True, nogil=True)
+def _split_rows(a, p, q, row_max, row_min, mu, scale, n_buckets, head_gap, tail_gap, head_size, first, step):
+    """_row_split for rows first, first + step, ... of a, p, q (R, V), row_max and row_min
+    (R,), into head_gap, tail_gap and head_size (R,), with scratch of its own."""
+    vocab = a.shape[1]
+    mass = np.empty(n_buckets, np.float64)
+    buckets = np.empty(vocab, np.int16)
+    listed = np.empty(vocab, np.int64)
+    for r in range(first, a.shape[0], step):
+        head_gap[r], tail_gap[r], head_size[r] = _row_split(
+            a[r], p[r], q[r], row_max[r], row_min[r], mu, scale, mass, buckets, listed
+        )
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _rows_split(a, p, q, row_max, row_min, mu, scale, n_buckets, head_gap, tail_gap, head_size, workers):
-    """_row_split for each row of a, p, q (R, V), row_max and row_min (R,), into head_gap, tail_gap and
-    head_size (R,): the rows dealt out to the threads, each with its own scratch."""
-    n_rows, vocab = a.shape
+def _split_rows_in_threads(a, p, q, row_max, row_min, mu, scale, n_buckets, head_gap, tail_gap, head_size, workers):
+    """_split_rows with the rows dealt out to `workers` threads."""
     for worker in numba.prange(workers):
-        mass = np.empty(n_buckets, np.float64)
-        buckets = np.empty(vocab, np.int16)
-        listed = np.empty(vocab, np.int64)
-        for r in range(worker, n_rows, workers):
-            head_gap[r], tail_gap[r], head_size[r] = _row_split(
-                a[r], p[r], q[r], row_max[r], row_min[r], mu, scale, mass, buckets, listed
-            )
+        _split_rows(a, p, q, row_max, row_min, mu, scale, n_buckets, head_gap, tail_gap, head_size, worker, workers)
 
 
 def row_split_gaps(a, p, q, max_a, min_a, mu, scale, n_buckets):
@@ -188,17 +196,20 @@ def row_split_gaps(a, p, q, max_a, min_a, mu, scale, n_buckets):
     floor((max - a_j) scale), at most n_buckets - 1 (n_buckets <= 2^15), with a larger scale
     for rows narrower than n_buckets / scale. The gaps come in a's dtype, the size as int64.
 
-    The rows are dealt out to min(torch's threads, numba's, R) threads; one call at a time (some
-    of numba's threading layers abort on concurrent launches)."""
+    The rows are dealt out to min(torch's threads, numba's, R) threads, one call at a time
+    (some of numba's threading layers abort on concurrent launches), except in a process forked
+    from the one that imported this module: GNU OpenMP (numba's "omp" layer) aborts a forked
+    child that starts threads its parent had, so there the rows are split on one thread."""
     n_rows = a.shape[0]
     gaps = torch.empty(2, n_rows, dtype=torch.float64)
     head_size = torch.empty(n_rows, dtype=torch.int64)
+    args = (a.numpy(), p.numpy(), q.numpy(), max_a.view(-1).numpy(), min_a.view(-1).numpy(), float(mu),
+            float(scale), int(n_buckets), gaps[0].numpy(), gaps[1].numpy(), head_size.numpy())
     workers = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n_rows)
-    with _LAUNCH:
-        _rows_split(
-            a.numpy(), p.numpy(), q.numpy(), max_a.view(-1).numpy(), min_a.view(-1).numpy(), float(mu), float(scale),
-            int(n_buckets),
-            gaps[0].numpy(), gaps[1].numpy(), head_size.numpy(), workers,
-        )
+    if workers > 1 and os.getpid() == _IMPORTED_BY:
+        with _LAUNCH:
+            _split_rows_in_threads(*args, workers)
+    else:
+        _split_rows(*args, 0, 1)
     head_gap, tail_gap = gaps.to(a.dtype)
     return head_gap, tail_gap, head_size

@@ -8,6 +8,10 @@ compared with the reference on both backends. Vocabularies exceed two of the ker
 (2048 columns) so that brackets, ties and ranks cross block boundaries.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -337,3 +341,34 @@ def test_compiled_row_split_against_a_sort(kind):
         assert head_size[row] == len(head), kind
         torch.testing.assert_close(head_gap[row].double(), gap[head].sum(), rtol=1e-6, atol=0.0)
         torch.testing.assert_close(tail_gap[row].double(), gap.sum() - gap[head].sum(), rtol=1e-6, atol=0.0)
+
+
+FORKED_CHILD_SPLITS = """
+import os, torch
+torch.set_num_threads(1)  # torch's own OpenMP threads in a parent can hang a forked child
+from akl_kernels import _row_split
+a = torch.randn(4, 3000) * 0.3
+args = (a, a.softmax(1), torch.randn(4, 3000).softmax(1), a.amax(1, keepdim=True), a.amin(1, keepdim=True),
+        0.5, 64.0, 4096)
+torch.set_num_threads(2)
+parent = _row_split.row_split_gaps(*args)  # two threads: numba's thread pool starts
+torch.set_num_threads(1)
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(2)
+    child = _row_split.row_split_gaps(*args)
+    os.write(write, b"same" if all(torch.equal(x, y) for x, y in zip(parent, child)) else b"differ")
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print(os.read(read, 16).decode() if status == 0 else f"child died: {status}")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_compiled_row_split_in_a_forked_child():
+    # GNU OpenMP (numba's "omp" threading layer) aborts a forked child that starts the threads
+    # its parent had started: such a child must split on one thread, with the parent's results.
+    result = subprocess.run([sys.executable, "-c", FORKED_CHILD_SPLITS], capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.stdout.strip() == "same", result.stdout + result.stderr
