@@ -251,6 +251,18 @@ def test_small_tail_gap_beside_a_head_of_thousands(mode, split_backend):
     assert_matches_reference(mode, student, teacher, split_backend, mu=0.9)
 
 
+@pytest.fixture
+def compiled_split():
+    """The compiled row split (torch_backend.compiled_row_split()), with CPU tensors by default
+    (it splits CPU rows, also under AKL_TEST_DEVICE=cuda); skipped where numba is not installed."""
+    from akl_kernels import torch_backend
+
+    if torch_backend.compiled_row_split() is None:
+        pytest.skip("numba is not installed: CPU rows take the torch-ops split")
+    with torch.device("cpu"):
+        yield torch_backend.compiled_row_split()
+
+
 def mixed_rows(generator, vocab):
     """16 teacher rows of the kinds the split meets: peaked, LM-like, flat, near-uniform, a dense
     cluster, integer ties, bfloat16 values, a common offset of 1e6, and -inf in some."""
@@ -267,7 +279,7 @@ def mixed_rows(generator, vocab):
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("mu", [0.1, 0.37, 0.9])
-def test_compiled_row_split_gives_the_ops_split_heads(mu, temperature):
+def test_compiled_row_split_gives_the_ops_split_heads(mu, temperature, compiled_split):
     # The compiled row split (CPU rows) and the torch-ops split (a GPU's rows) must find the same
     # head, token for token (head sizes equal), on every kind of row, with -inf in either input.
     generator = torch.Generator().manual_seed(3)
@@ -285,7 +297,7 @@ def test_compiled_row_split_gives_the_ops_split_heads(mu, temperature):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_compiled_row_split_reads_strided_rows(dtype):
+def test_compiled_row_split_reads_strided_rows(dtype, compiled_split):
     # Rows read as a view with a row stride beyond V (a slice of wider logits), in float32 and
     # float64 (each its own compiled code), against the reference.
     wide_student, wide_teacher = logits(6, VOCAB + 37).to(dtype), logits(6, VOCAB + 37, scale=0.5).to(dtype)
@@ -306,13 +318,11 @@ def test_whole_support_within_mu_by_rounding(split_backend):
 
 
 @pytest.mark.parametrize("kind", ["gauss", "cluster", "integers", "huge float64"])
-def test_compiled_row_split_against_a_sort(kind):
+def test_compiled_row_split_against_a_sort(kind, compiled_split):
     # The compiled split alone, on arbitrary masses p (the rule needs no softmax): the head is
     # the longest prefix of the order by value descending, index ascending, whose running mass
     # stays <= mu, at least one token. A dense cluster is bucketed again several times; float64
     # values 2e308 apart overflow the differences of the crossing bucket's second keys.
-    from akl_kernels import torch_backend
-
     generator = torch.Generator().manual_seed(5)
     dtype = torch.float64 if kind == "huge float64" else torch.float32
     a = torch.randn(6, 4000, generator=generator, dtype=torch.float64)
@@ -329,7 +339,7 @@ def test_compiled_row_split_against_a_sort(kind):
     p /= p.sum(1, keepdim=True)
     q = torch.rand(a.shape, generator=generator, dtype=dtype)
     mu = 0.43
-    head_gap, tail_gap, head_size = torch_backend.compiled_row_split()(
+    head_gap, tail_gap, head_size = compiled_split(
         a, p, q, a.amax(1, keepdim=True), a.amin(1, keepdim=True), mu, 64.0, 4096
     )
     for row in range(a.shape[0]):
@@ -366,7 +376,7 @@ print(os.read(read, 16).decode() if status == 0 else f"child died: {status}")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_compiled_row_split_in_a_forked_child():
+def test_compiled_row_split_in_a_forked_child(compiled_split):
     # GNU OpenMP (numba's "omp" threading layer) aborts a forked child that starts the threads
     # its parent had started: such a child must split on one thread, with the parent's results.
     result = subprocess.run([sys.executable, "-c", FORKED_CHILD_SPLITS], capture_output=True, text=True, timeout=300,
