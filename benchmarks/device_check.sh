@@ -29,6 +29,9 @@
 #   230 + 5 = 445 s, within the 8 minutes of one device call. 2026-12-03: the benchmark stage
 #   cut to 190 s (budget 160 s) for the compiled-step stage (70 s): 10 + 150 + 50 + 190 + 70 + 5 = 475 s.
 #
+# numba is not on the GPU machine: the compiled head/tail split of CPU rows (akl_kernels/_row_split.py)
+# has its tests skipped there (CI runs them); the torch backend splits CUDA rows with torch ops anyway.
+#
 # Optional pure-Python packages travel as wheels beside the repository (torch and triton are on
 # the GPU machine already): Liger-Kernel (its peers) and pytest-xdist (parallel tests):
 #   echo /.whl/ >> .git/info/exclude
