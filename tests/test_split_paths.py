@@ -4,8 +4,12 @@ The Triton kernel finds the crossing of mu among the teacher's TOPK largest logi
 head holds more tokens, by bracket passes over the teacher; the bracket ends either holding few
 enough tokens to place from a buffer after pass 2, or a single tied value placed by rank. Each
 case below is built to take one path (checked on the Triton backend's split_path codes) and
-compared with the reference on both backends. Vocabularies exceed two of the kernel's blocks
-(2048 columns) so that brackets, ties and ranks cross block boundaries.
+compared with the reference on both backends, the torch backend both ways (fixture
+split_backend): its compiled row split of CPU rows and its torch-ops split (a GPU's rows, or
+without numba), whose own paths (head blocks, listed, buckets) have tests of their own below,
+as does the compiled split (against the torch-ops split and against a sort). Vocabularies
+exceed two of the kernel's blocks (2048 columns) so that brackets, ties and ranks cross block
+boundaries.
 """
 
 import os
@@ -232,7 +236,7 @@ def test_head_blocks_at_their_default_size(ops_split):
 @pytest.mark.parametrize("offset", [1e6, 2e7])
 def test_large_logits_at_any_temperature(offset, temperature, split_backend, head_blocks_at_any_size):
     # Logits near 1e6 and 2e7 at temperatures whose bucket scale S / T is not a power of two:
-    # the torch split_backend's keys max k - a k round there, and the max token's key could fall
+    # the torch backend's keys max k - a k round there, and the max token's key could fall
     # below bucket 0 (an index error) before max k was rounded up; the head-blocks path (forced
     # at this size) declines such rows, whose keys may be off by more than its one bucket.
     student = logits(8, VOCAB)
@@ -244,7 +248,7 @@ def test_large_logits_at_any_temperature(offset, temperature, split_backend, hea
 def test_small_tail_gap_beside_a_head_of_thousands(mode, split_backend):
     # A uniform teacher at mu = 0.9 (2700 head tokens of 3001, placed by index) and a peaked
     # student: the tail gap, about 0.1, is the total gap (about 2) less the head's. The torch
-    # split_backend summed the listed head's gaps one token at a time in float32, and the tail gap
+    # backend summed the listed head's gaps one token at a time in float32, and the tail gap
     # came out 4e-4 off, relative (beyond the float32 tolerance of 2e-4).
     student = logits(2, 3001, scale=30.0)
     teacher = torch.zeros(2, 3001)
