@@ -147,7 +147,7 @@ def with_temperature(fn: LossFn, shape) -> LossFn:
 def contenders_for(shape) -> list[Contender]:
     """The contenders of a workload: LINEAR_CONTENDERS for hidden-state shapes, CONTENDERS for
     the main matrix, our losses for a stored (top-k) teacher, and the KL losses and their
-    peers for the split-price workloads (temperature other than 1, or real rows)."""
+    peers for the split-price workloads (temperature other than 1, or rows other than LM-like)."""
     if shape.hidden is not None:
         return LINEAR_CONTENDERS
     if shape.topk:  # a stored teacher: every loss of ours takes one

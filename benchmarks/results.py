@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.contenders import FUSED_LINEAR, MATERIALISED_LINEAR
-from benchmarks.workloads import FUSED_LINEAR_MEMORY_TARGET, CPU_TARGET, SPLIT_PRICE_TARGET
+from benchmarks.workloads import FUSED_LINEAR_MEMORY_TARGET, CPU_TARGET, SOURCES, SPLIT_PRICE_TARGET
 
 OURS = "akl_loss"
 KL_LOSSES = ("akl", "fkl", "rkl")
@@ -74,10 +74,8 @@ def _shape_key(r):
 def _shape_text(r):
     sizes = (r["rows"], r["vocab"]) if r.get("hidden") is None else (r["rows"], r["hidden"], r["vocab"])
     text = f"{r['dtype']} " + " x ".join(str(n) for n in sizes)
-    if r.get("source") == "real":
-        text += " real rows"
-    if r.get("source") == "smollm2":
-        text += " SmolLM2 logits"
+    if SOURCES.get(r.get("source") or "lm"):
+        text += " " + SOURCES[r["source"]]
     if r.get("temperature") not in (None, 1.0):
         text += f" T={r['temperature']:g}"
     if r.get("topk"):

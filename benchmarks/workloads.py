@@ -22,9 +22,12 @@ GPU_ROWS, GPU_VOCABS, GPU_DTYPES = (4096, 16384), (32000, 50257, 128256), (torch
 # and the real SmolLM2 rows (V = 49152) tiled to the matrix's row count, at T = 1 and T = 2; on a
 # CPU with our losses only (akl_loss over fkl_loss is docs/semantics.md section 5's split price), on a GPU
 # with the peers too.
+# On a CPU also a flat teacher at T = 1 (heads of ~10^4 tokens, docs/semantics.md section 5's
+# other case).
 REAL_VOCAB = 49152
-CPU_SPLIT_SHAPES = (("lm", 1024, 32000, 2.0), ("real", 1024, REAL_VOCAB, 1.0), ("real", 1024, REAL_VOCAB, 2.0),
-                    ("smollm2", 1024, REAL_VOCAB, 1.0), ("smollm2", 1024, REAL_VOCAB, 2.0))
+CPU_SPLIT_SHAPES = (("lm", 1024, 32000, 2.0), ("flat", 1024, 32000, 1.0), ("real", 1024, REAL_VOCAB, 1.0),
+                    ("real", 1024, REAL_VOCAB, 2.0), ("smollm2", 1024, REAL_VOCAB, 1.0),
+                    ("smollm2", 1024, REAL_VOCAB, 2.0))
 GPU_SPLIT_SHAPES = (("lm", 16384, 128256, 2.0), ("real", 16384, REAL_VOCAB, 1.0), ("real", 16384, REAL_VOCAB, 2.0))
 SPLIT_PRICE_TARGET = 1.5  # akl_loss forward+backward at most this times fkl_loss's
 # The stored (sparse) teacher at K = 32 and 128 beside the dense teacher of the same shape.
@@ -38,11 +41,17 @@ GPU_LINEAR = ((8192, 4096, 128256, "bfloat16"),)
 FUSED_LINEAR_MEMORY_TARGET = 5.0
 
 
+# Where a logits workload's rows come from, and how reports name it ("lm" goes unnamed in labels).
+SOURCES = {"lm": "", "flat": "flat teacher", "real": "real rows", "smollm2": "SmolLM2 logits"}
+
+
 @dataclass(frozen=True)
 class Shape:
     """Logits workloads: N rows of V student and teacher logits at temperature T; the student's
-    get a gradient. source "lm": realistic_logits; "real": the shared SmolLM2 rows, tiled;
-    "smollm2": SmolLM2's logits over a fixed text of the example's corpus (smollm2_rows)."""
+    get a gradient. source "lm": realistic_logits; "flat": realistic_logits for the student,
+    N(0, 0.5^2) logits for the teacher (heads of ~10^4 tokens at mu = 0.5); "real": the shared
+    SmolLM2 rows, tiled; "smollm2": SmolLM2's logits over a fixed text of the example's corpus
+    (smollm2_rows)."""
 
     rows: int
     vocab: int
@@ -91,7 +100,7 @@ def shape_from_label(label: str) -> Shape | LinearShape:
         return LinearShape(*sizes, getattr(torch, dtype))
     temperature = next((float(tag[1:]) for tag in tags if tag.startswith("T")), 1.0)
     topk = next((int(tag[3:]) for tag in tags if tag.startswith("top")), 0)
-    source = next((tag for tag in tags if tag in ("real", "smollm2")), "lm")
+    source = next((tag for tag in tags if tag in SOURCES), "lm")
     return Shape(*sizes, getattr(torch, dtype), temperature, source, topk)
 
 
@@ -203,10 +212,13 @@ def make_inputs(shape: Shape | LinearShape, device: torch.device, seed: int = 0)
     generator = torch.Generator(device=device).manual_seed(seed)
     if isinstance(shape, LinearShape):
         return linear_inputs(shape, generator, device)
-    if shape.source != "lm":
+    if shape.source in ("real", "smollm2"):
         return tiled_real_rows(shape.rows, device, shape.dtype, shape.source)
     student = realistic_logits(shape.rows, shape.vocab, generator=generator, dtype=shape.dtype, device=device)
-    teacher = realistic_logits(shape.rows, shape.vocab, generator=generator, dtype=shape.dtype, device=device)
+    if shape.source == "flat":
+        teacher = torch.randn(shape.rows, shape.vocab, generator=generator, device=device).mul_(0.5).to(shape.dtype)
+    else:
+        teacher = realistic_logits(shape.rows, shape.vocab, generator=generator, dtype=shape.dtype, device=device)
     if shape.topk:  # what an offline run stores: float16 log-probabilities, int32 indices
         stored = teacher_topk(teacher, shape.topk)
         return student, TeacherTopK(stored.logprobs.half(), stored.indices.int())
