@@ -5,7 +5,8 @@
     pytest benchmarks/ --benchmark-only --akl-results PATH    # results file (default benchmarks/results/<device>.json)
 
 The results file (and its markdown) is rewritten after every case, so that a run cut short keeps
-what it measured; at the end of the session it is also rendered to PNG, and the markdown table
+what it measured; a run that selects part of the matrix (-k, -m or test ids) without
+--akl-results writes <device>-subset.json, never the whole matrix's file; at the end of the session it is also rendered to PNG, and the markdown table
 is printed last. On a GPU, the compiled reference runs after everything else (its compilation
 is the slowest step).
 """
@@ -161,11 +162,35 @@ class BenchSession:
 _SESSION = pytest.StashKey[BenchSession]()
 
 
+def default_results_path(device_type: str, whole_matrix: bool) -> Path:
+    """benchmarks/results/<device type>.json for a run of the whole matrix, <device type>-subset.json
+    for a run of part of it (which must not overwrite the whole matrix's results)."""
+    return RESULTS_DIR / f"{device_type}{'' if whole_matrix else '-subset'}.json"
+
+
 def pytest_configure(config):
     device = _device(config)
     rounds = config.getoption("--akl-rounds") or DEFAULT_ROUNDS[device.type]
-    path = config.getoption("--akl-results") or RESULTS_DIR / f"{device.type}.json"
+    path = config.getoption("--akl-results") or default_results_path(device.type, whole_matrix=True)
     config.stash[_SESSION] = BenchSession(device, rounds, config.getoption("--akl-time-budget"), path)
+
+
+_PART = pytest.StashKey[bool]()
+
+
+def pytest_deselected(items):
+    if items:
+        items[0].config.stash[_PART] = True
+
+
+def pytest_collection_finish(session):
+    """A run of part of the matrix (cases deselected by -k or -m, or test ids given) writes the
+    subset's file unless --akl-results names one."""
+    config = session.config
+    part = config.stash.get(_PART, False) or any("::" in arg for arg in config.args)
+    if part and config.getoption("--akl-results") is None:
+        bench = config.stash[_SESSION]
+        bench.results_path = default_results_path(bench.device.type, whole_matrix=False)
 
 
 @pytest.fixture(scope="session")
