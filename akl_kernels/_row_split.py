@@ -28,8 +28,14 @@ SORTED_TOKENS = 64
 BRANCH_SHARE = 16
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _gap(p, q, j):
+    """|p_j - q_j| in float64."""
+    return abs(np.float64(q[j]) - np.float64(p[j]))
+
+
 @numba.njit(cache=True, nogil=True)
-def _bucket_keys(a, row_max, scale, last, buckets):
+def _token_buckets(a, row_max, scale, last, buckets):
     """buckets[j] = the bucket of logit a[j] (V,) in a row whose largest logit is row_max."""
     scale, last = a.dtype.type(scale), a.dtype.type(last)
     for j in range(a.shape[0]):
@@ -44,13 +50,24 @@ def _gap_sums(p, q, buckets, crossing):
     vectorise."""
     total, head, count, inside = 0.0, 0.0, 0, 0
     for j in range(p.shape[0]):
-        gap = abs(np.float64(q[j]) - np.float64(p[j]))
+        gap = _gap(p, q, j)
         before = buckets[j] < crossing
         total += gap
         head += gap if before else 0.0
         count += before
         inside += buckets[j] == crossing
     return total, head, count, inside
+
+
+@numba.njit(cache=True, nogil=True)
+def _crossing_bucket(mass, limit, before, mu):
+    """(the first bucket below `limit` whose running mass, from `before`, exceeds mu, or limit;
+    the running mass before it)."""
+    crossing = 0
+    while crossing < limit and before + mass[crossing] <= mu:
+        before += mass[crossing]
+        crossing += 1
+    return crossing, before
 
 
 @numba.njit(cache=True, nogil=True)
@@ -66,18 +83,16 @@ def _row_split(a, p, q, row_max, row_min, mu, scale, mass, buckets, listed):
     # rows would otherwise fill a few buckets, with serial adds into each.
     if -np.inf < row_min < row_max:
         scale = max(scale, last / (np.float64(row_max) - np.float64(row_min)))
-    _bucket_keys(a, row_max, scale, last, buckets)
+    _token_buckets(a, row_max, scale, last, buckets)
     mass[:] = 0.0
     for j in range(a.shape[0]):
         mass[buckets[j]] += p[j]
     # The crossing bucket: the first whose running mass exceeds mu. When rounding keeps the
-    # whole support within mu, every support token of the last bucket is head too.
-    crossing, before = 0, 0.0
-    while crossing < n_buckets and before + mass[crossing] <= mu:
-        before += mass[crossing]
-        crossing += 1
-    everything = crossing == n_buckets
-    crossing = min(crossing, last)
+    # whole support within mu, every support token of the last bucket is head too (no mass
+    # bound stops them: mu is taken as infinite there).
+    crossing, before = _crossing_bucket(mass, n_buckets, 0.0, mu)
+    if crossing == n_buckets:
+        crossing, mu = last, np.inf
     total, head, count, inside = _gap_sums(p, q, buckets, crossing)
     # The crossing bucket's support tokens (-inf: never head); a branch per token where they
     # are few, else every token written and the position advanced only for theirs (a branch
@@ -92,21 +107,9 @@ def _row_split(a, p, q, row_max, row_min, mu, scale, mass, buckets, listed):
         for j in range(a.shape[0]):
             listed[n_listed] = j
             n_listed += (buckets[j] == crossing) & (a[j] > -np.inf)
-    if everything:
-        crossing_head, crossing_count = _listed_gaps(p, q, listed[:n_listed])
-    else:
-        crossing_head, crossing_count = _crossing_head(a, p, q, listed[:n_listed], before, mu, mass, buckets)
+    crossing_head, crossing_count = _crossing_head(a, p, q, listed[:n_listed], before, mu, mass, buckets)
     head += crossing_head
     return head, total - head, count + crossing_count
-
-
-@numba.njit(cache=True, nogil=True)
-def _listed_gaps(p, q, tokens):
-    """(the gap, the number) of the tokens."""
-    gap = 0.0
-    for j in tokens:
-        gap += abs(np.float64(q[j]) - np.float64(p[j]))
-    return gap, tokens.shape[0]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -140,15 +143,13 @@ def _crossing_head(a, p, q, tokens, before, mu, mass, keys):
             key = np.int64(x) if x < n_keys - 1 else n_keys - 1
             keys[i] = key
             mass[key] += p[tokens[i]]
-        crossing = 0  # rounding may keep the running mass within mu: then the last bucket
-        while crossing < n_keys - 1 and before + mass[crossing] <= mu:
-            before += mass[crossing]
-            crossing += 1
+        # (rounding may keep the running mass within mu: then the last bucket)
+        crossing, before = _crossing_bucket(mass, n_keys - 1, before, mu)
         kept = 0
         for i in range(n):  # without branches (see _row_split's listing)
             j = tokens[i]
             before_crossing = keys[i] < crossing
-            head += abs(np.float64(q[j]) - np.float64(p[j])) if before_crossing else 0.0
+            head += _gap(p, q, j) if before_crossing else 0.0
             count += before_crossing
             tokens[kept] = j
             kept += keys[i] == crossing
@@ -163,7 +164,7 @@ def _crossing_head(a, p, q, tokens, before, mu, mass, keys):
         if running + p[j] > mu and running != 0.0:
             break
         running += p[j]
-        head += abs(np.float64(q[j]) - np.float64(p[j]))
+        head += _gap(p, q, j)
         count += 1
     return head, count
 

@@ -288,8 +288,9 @@ def _chunks(student, teacher, keep, dtype):
     dtype, never written to.
 
     The workspace holds 16 bytes per chunk element in float32 with the compiled row split, 25
-    with the torch-ops split (8 more when the inputs are copied for their dtype or layout): chunks of at most CHUNK_ELEMENTS and 1/24 of the rows keep it
-    near a quarter of a float32 gradient or less; fewer rows still get chunks of MIN_CHUNK_ROWS.
+    with the torch-ops split (8 more when the inputs are copied for their dtype or layout):
+    chunks of at most CHUNK_ELEMENTS and 1/24 of the rows keep it near a quarter of a float32
+    gradient or less; fewer rows still get chunks of MIN_CHUNK_ROWS.
     """
     vocab = student.shape[-1]
     n_rows = student.numel() // vocab

@@ -6,9 +6,9 @@
 
 The results file (and its markdown) is rewritten after every case, so that a run cut short keeps
 what it measured; a run that selects part of the matrix (-k, -m or test ids) without
---akl-results writes <device>-subset.json, never the whole matrix's file; at the end of the session it is also rendered to PNG, and the markdown table
-is printed last. On a GPU, the compiled reference runs after everything else (its compilation
-is the slowest step).
+--akl-results writes <device>-subset.json, never the whole matrix's file. At the end of the
+session the results are also rendered to PNG, and the markdown table is printed last. On a GPU,
+the compiled reference runs after everything else (its compilation is the slowest step).
 """
 
 from __future__ import annotations
